@@ -1,0 +1,401 @@
+"""Normalization layers with PyTorch's semantics, channel-last (NHWC) where channels matter.
+
+Every layer computes its statistics in float32 whatever the compute dtype, because bf16
+means and variances over large reductions lose the precision BatchNorm depends on.
+
+Parameter names follow Flax (``scale``, ``bias``, ``mean``, ``var``); ``flax_resnet.convert``
+maps them to PyTorch's (``weight``, ``bias``, ``running_mean``, ``running_var``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+
+NORMS: tuple[str, ...] = ("bn", "ln", "gn", "in", "rms")
+_NORM_ALIASES: dict[str, str] = {
+    "bn": "bn",
+    "batch": "bn",
+    "batchnorm": "bn",
+    "ln": "ln",
+    "layer": "ln",
+    "layernorm": "ln",
+    "gn": "gn",
+    "group": "gn",
+    "groupnorm": "gn",
+    "in": "in",
+    "instance": "in",
+    "instancenorm": "in",
+    "rms": "rms",
+    "rmsnorm": "rms",
+}
+
+
+def canonical_norm(name: str) -> str:
+    """Map a norm name or alias (``batch``, ``layer``, ...) to its short name."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _NORM_ALIASES:
+        raise ValueError(
+            f"unknown norm {name!r}; allowed: {', '.join(NORMS)} "
+            f"(aliases: {', '.join(k for k in _NORM_ALIASES if k not in NORMS)})"
+        )
+    return _NORM_ALIASES[key]
+
+
+def _check_input(layer: str, x: jax.Array, ndims: Sequence[int], channels: int | None) -> None:
+    if x.ndim not in ndims:
+        allowed = " or ".join(str(n) for n in ndims)
+        raise ValueError(f"{layer} expects a {allowed}-D input, got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[-1] != channels:
+        raise ValueError(
+            f"{layer} expects {channels} channels in the last axis (NHWC), "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance in float32, two-pass for PyTorch-level accuracy."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+    return mean, var
+
+
+def _affine_params(
+    shape: tuple[int, ...], affine: bool, bias: bool, param_dtype: Dtype
+) -> tuple[nnx.Param | None, nnx.Param | None]:
+    scale = nnx.Param(jnp.ones(shape, param_dtype)) if affine else None
+    shift = nnx.Param(jnp.zeros(shape, param_dtype)) if affine and bias else None
+    return scale, shift
+
+
+def _normalize(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    eps: float,
+    scale: nnx.Param | None,
+    bias: nnx.Param | None,
+    dtype: Dtype | None,
+) -> jax.Array:
+    # Fold the affine into one multiplier and one offset so XLA emits a single fused FMA.
+    mul = jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        mul = mul * scale[...].astype(jnp.float32)
+    y = x.astype(jnp.float32) * mul - mean * mul
+    if bias is not None:
+        y = y + bias[...].astype(jnp.float32)
+    return y.astype(dtype or x.dtype)
+
+
+class BatchNorm2d(nnx.Module):
+    """``torch.nn.BatchNorm2d`` on NHWC input.
+
+    PyTorch conventions: ``momentum`` weights the new batch (0.1 by default; ``None`` means
+    a cumulative average over ``num_batches_tracked``), and the running variance receives
+    the *unbiased* batch variance while the output uses the biased one.
+
+    Under ``jax.jit`` with a batch sharded over devices the statistics are global (SyncBN);
+    inside ``shard_map`` they are per device, like PyTorch DDP.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.track_running_stats = track_running_stats
+        self.dtype = dtype
+        self.use_running_average = False
+        self.scale, self.bias = _affine_params((num_features,), affine, True, param_dtype)
+        if track_running_stats:
+            self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+            self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+            self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        else:
+            self.mean = self.var = self.num_batches_tracked = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_input("BatchNorm2d", x, (4,), self.num_features)
+        if self.use_running_average and self.track_running_stats:
+            mean = self.mean[...]
+            var = self.var[...]
+        else:
+            mean, var = _moments(x, (0, 1, 2))
+            if self.track_running_stats and not self.use_running_average:
+                self._update_running_stats(mean.reshape(-1), var.reshape(-1), x)
+        return _normalize(x, mean, var, self.eps, self.scale, self.bias, self.dtype)
+
+    def _update_running_stats(self, mean: jax.Array, var: jax.Array, x: jax.Array) -> None:
+        n = x.shape[0] * x.shape[1] * x.shape[2]
+        if n < 2:
+            raise ValueError(
+                f"BatchNorm2d needs more than 1 value per channel when training, got input "
+                f"shape {tuple(x.shape)}"
+            )
+        count = self.num_batches_tracked[...] + 1
+        self.num_batches_tracked[...] = count
+        if self.momentum is None:
+            momentum = 1.0 / count.astype(jnp.float32)
+        else:
+            momentum = self.momentum
+        unbiased = var * (n / (n - 1))
+        self.mean[...] = (1 - momentum) * self.mean[...] + momentum * mean
+        self.var[...] = (1 - momentum) * self.var[...] + momentum * unbiased
+
+
+class GroupNorm(nnx.Module):
+    """``torch.nn.GroupNorm(num_groups, num_channels)`` on channel-last input ``(N, ..., C)``."""
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        *,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        if num_groups < 1 or num_channels % num_groups != 0:
+            raise ValueError(
+                f"GroupNorm: num_groups={num_groups} must be a positive divisor of "
+                f"num_channels={num_channels}; allowed: "
+                f"{[g for g in range(1, num_channels + 1) if num_channels % g == 0]}"
+            )
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.dtype = dtype
+        self.scale, self.bias = _affine_params((num_channels,), affine, True, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_input("GroupNorm", x, (2, 3, 4, 5), self.num_channels)
+        n, c = x.shape[0], x.shape[-1]
+        grouped = x.reshape(n, -1, self.num_groups, c // self.num_groups)
+        mean, var = _moments(grouped, (1, 3))
+        mul = jax.lax.rsqrt(var + self.eps)
+        y = ((grouped.astype(jnp.float32) - mean) * mul).reshape(x.shape)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)
+
+
+class InstanceNorm2d(nnx.Module):
+    """``torch.nn.InstanceNorm2d`` on NHWC input: per sample and channel over H and W.
+
+    PyTorch's defaults: no affine parameters and no running statistics. With
+    ``track_running_stats=True`` the running stats average the per-instance statistics
+    (unbiased variance over H·W) and eval mode uses them.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        *,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.track_running_stats = track_running_stats
+        self.dtype = dtype
+        self.use_running_average = False
+        self.scale, self.bias = _affine_params((num_features,), affine, True, param_dtype)
+        if track_running_stats:
+            self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+            self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+            self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        else:
+            self.mean = self.var = self.num_batches_tracked = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_input("InstanceNorm2d", x, (3, 4), self.num_features)
+        batched = x if x.ndim == 4 else x[None]
+        if self.use_running_average and self.track_running_stats:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            mean, var = _moments(batched, (1, 2))
+            if self.track_running_stats:
+                n = batched.shape[1] * batched.shape[2]
+                count = self.num_batches_tracked[...] + 1
+                self.num_batches_tracked[...] = count
+                momentum = 1.0 / count if self.momentum is None else self.momentum
+                inst_var = var * (n / max(n - 1, 1))
+                self.mean[...] = (1 - momentum) * self.mean[...] + momentum * mean.mean((0, 1, 2))
+                self.var[...] = (1 - momentum) * self.var[...] + momentum * inst_var.mean((0, 1, 2))
+        y = _normalize(batched, mean, var, self.eps, self.scale, self.bias, self.dtype)
+        return y if x.ndim == 4 else y[0]
+
+
+def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(int(d) for d in normalized_shape)
+
+
+def _check_trailing(layer: str, x: jax.Array, shape: tuple[int, ...]) -> None:
+    if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape) :]) != shape:
+        raise ValueError(
+            f"{layer}: input shape {tuple(x.shape)} does not end with "
+            f"normalized_shape {shape}"
+        )
+
+
+class LayerNorm(nnx.Module):
+    """``torch.nn.LayerNorm(normalized_shape)``: normalizes over the trailing dims.
+
+    Layout-agnostic like PyTorch's; ``normalized_shape`` and the affine parameters are in
+    the input's own axis order (``(H, W, C)`` for an NHWC image, not ``(C, H, W)``).
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        *,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = eps
+        self.dtype = dtype
+        self.scale, self.bias = _affine_params(
+            self.normalized_shape, elementwise_affine, bias, param_dtype
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_trailing("LayerNorm", x, self.normalized_shape)
+        axes = tuple(range(x.ndim - len(self.normalized_shape), x.ndim))
+        mean, var = _moments(x, axes)
+        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """``torch.nn.RMSNorm(normalized_shape)``: ``x / sqrt(mean(x²) + eps) * weight``.
+
+    ``eps=None`` means the machine epsilon of the input dtype, as in PyTorch.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        *,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = eps
+        self.dtype = dtype
+        self.scale, _ = _affine_params(self.normalized_shape, elementwise_affine, False, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_trailing("RMSNorm", x, self.normalized_shape)
+        axes = tuple(range(x.ndim - len(self.normalized_shape), x.ndim))
+        eps = float(jnp.finfo(x.dtype).eps) if self.eps is None else self.eps
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=axes, keepdims=True) + eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)
+
+
+class RMSNorm2d(nnx.Module):
+    """The seed's ``RMSNorm2d``: RMSNorm over the channels of an image.
+
+    PyTorch needs two permutes around ``nn.RMSNorm`` for NCHW; in NHWC the channels are
+    already last. The ``norm`` child mirrors the PyTorch module tree for weight conversion.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        *,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.num_channels = num_channels
+        self.norm = RMSNorm(
+            num_channels, eps, elementwise_affine, dtype=dtype, param_dtype=param_dtype
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_input("RMSNorm2d", x, (4,), self.num_channels)
+        return self.norm(x)
+
+
+def make_norm(
+    name: str,
+    num_channels: int,
+    *,
+    groups: int = 32,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+) -> nnx.Module:
+    """The norm layer a ResNet uses after each conv, chosen by name (see ``NORMS``).
+
+    ``ln`` and ``in`` are the seed's GroupNorm forms for conv nets: one group, and one group
+    per channel.
+    """
+    kind = canonical_norm(name)
+    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype)
+    if kind == "bn":
+        return BatchNorm2d(num_channels, **kw)
+    if kind == "ln":
+        return GroupNorm(1, num_channels, **kw)
+    if kind == "gn":
+        if num_channels % groups != 0:
+            raise ValueError(
+                f"norm 'gn' with groups={groups} does not divide the {num_channels} channels of "
+                f"a layer; choose norm_groups from the common divisors of the model's widths "
+                f"(e.g. {math.gcd(num_channels, 2**10)})"
+            )
+        return GroupNorm(groups, num_channels, **kw)
+    if kind == "in":
+        return GroupNorm(num_channels, num_channels, **kw)
+    return RMSNorm2d(num_channels, **kw)
+
+
+def norm_scale(norm: nnx.Module) -> nnx.Param | None:
+    """The learnable per-channel scale of a norm made by ``make_norm``."""
+    if isinstance(norm, RMSNorm2d):
+        return norm.norm.scale
+    return norm.scale

@@ -1,0 +1,222 @@
+"""The seed's ResNets (Q2: ImageNet stem, Q3: CIFAR stem + BottleNeck) in plain PyTorch.
+
+Written from the seed's code: ``residual_function`` / ``shortcut`` blocks, ``conv1`` stem,
+``conv2_x``... stages built by ``_make_layer``, ``AdaptiveAvgPool2d`` and ``fc``. Options the
+seed leaves as comments (the norm, the init recipe of Q4) are arguments here.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_ref.norms import canonical_norm, make_norm
+
+STEMS = ("imagenet", "cifar")
+SHORTCUTS = ("A", "B")
+INIT_SCHEMES = (
+    "torch", "seed", "torchvision", "kaiming_normal", "kaiming_uniform",
+    "xavier_normal", "xavier_uniform", "orthogonal",
+)
+_IMAGENET = (64, 128, 256, 512)
+# depth: (block, blocks per stage, stage channels, default stem, default shortcut)
+ARCHS = {
+    18: ("basic", (2, 2, 2, 2), _IMAGENET, "imagenet", "B"),
+    34: ("basic", (3, 4, 6, 3), _IMAGENET, "imagenet", "B"),
+    50: ("bottleneck", (3, 4, 6, 3), _IMAGENET, "imagenet", "B"),
+    101: ("bottleneck", (3, 4, 23, 3), _IMAGENET, "imagenet", "B"),
+    152: ("bottleneck", (3, 8, 36, 3), _IMAGENET, "imagenet", "B"),
+    **{d: ("basic", ((d - 2) // 6,) * 3, (16, 32, 64), "cifar", "A") for d in (20, 32, 44, 56, 110)},
+}
+
+
+class ZeroPadShortcut(nn.Module):
+    """He et al.'s option A: subsample by the stride, append zero channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.extra_channels = out_channels - in_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+
+def _shortcut(cin: int, cout: int, stride: int, norm: str, groups: int, kind: str) -> nn.Module:
+    if stride == 1 and cin == cout:
+        return nn.Sequential()
+    if kind == "A":
+        return ZeroPadShortcut(cin, cout, stride)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False),
+        make_norm(norm, cout, groups),
+    )
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_channels, out_channels, stride=1, norm="bn", groups=32, shortcut="B"):
+        super().__init__()
+        self.residual_function = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
+            make_norm(norm, out_channels, groups),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            make_norm(norm, out_channels, groups),
+        )
+        self.shortcut = _shortcut(in_channels, out_channels, stride, norm, groups, shortcut)
+
+    def forward(self, x):
+        return F.relu(self.residual_function(x) + self.shortcut(x))
+
+
+class BottleNeck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels, out_channels, stride=1, norm="bn", groups=32, shortcut="B"):
+        super().__init__()
+        expanded = out_channels * BottleNeck.expansion
+        self.residual_function = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+            make_norm(norm, out_channels, groups),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, stride=stride, kernel_size=3, padding=1, bias=False),
+            make_norm(norm, out_channels, groups),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, expanded, kernel_size=1, bias=False),
+            make_norm(norm, expanded, groups),
+        )
+        self.shortcut = _shortcut(in_channels, expanded, stride, norm, groups, shortcut)
+
+    def forward(self, x):
+        return F.relu(self.residual_function(x) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, num_block, stage_channels=_IMAGENET, num_classes=10, stem="imagenet",
+                 norm="bn", groups=32, shortcut="B", in_channels=3):
+        super().__init__()
+        self.in_channels = stage_channels[0]
+        if stem == "imagenet":
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(in_channels, self.in_channels, kernel_size=7, stride=2, padding=3, bias=False),
+                make_norm(norm, self.in_channels, groups),
+                nn.ReLU(),
+                nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            )
+        else:
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(in_channels, self.in_channels, kernel_size=3, padding=1, bias=False),
+                make_norm(norm, self.in_channels, groups),
+                nn.ReLU(inplace=True),
+            )
+        self.stage_names = []
+        for i, (n, out) in enumerate(zip(num_block, stage_channels)):
+            name = f"conv{i + 2}_x"
+            stride = 1 if i == 0 else 2
+            setattr(self, name, self._make_layer(block, out, n, stride, norm, groups, shortcut))
+            self.stage_names.append(name)
+        self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(self.in_channels, num_classes)
+
+    def _make_layer(self, block, out_channels, num_blocks, stride, norm, groups, shortcut):
+        strides = [stride] + [1] * (num_blocks - 1)
+        layers = []
+        for s in strides:
+            layers.append(block(self.in_channels, out_channels, s, norm, groups, shortcut))
+            self.in_channels = out_channels * block.expansion
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        x = self.avg_pool(x)
+        x = x.view(x.size(0), -1)
+        return self.fc(x)
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """Apply an init scheme with ``torch.nn.init`` (``torch`` keeps PyTorch's defaults).
+
+    ``seed`` is the Q4 recipe: Kaiming normal fan_out for convs, zero bias, Xavier uniform with
+    ReLU gain for the classifier. Norm layers keep ones/zeros in every scheme.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown init {scheme!r}; allowed: {', '.join(INIT_SCHEMES)}")
+    if scheme == "torch":
+        return
+    relu_gain = nn.init.calculate_gain("relu")
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            if scheme in ("seed", "torchvision"):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif scheme == "kaiming_normal":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif scheme == "kaiming_uniform":
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+            elif scheme == "xavier_normal":
+                nn.init.xavier_normal_(m.weight)
+            elif scheme == "xavier_uniform":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.orthogonal_(m.weight, gain=relu_gain)
+        elif isinstance(m, nn.Linear):
+            if scheme == "torchvision":
+                continue
+            if scheme == "seed":
+                nn.init.xavier_uniform_(m.weight, gain=relu_gain)
+            elif scheme == "kaiming_normal":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif scheme == "kaiming_uniform":
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+            elif scheme == "xavier_normal":
+                nn.init.xavier_normal_(m.weight)
+            elif scheme == "xavier_uniform":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.orthogonal_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _last_norm(block: nn.Module) -> nn.Module:
+    norm = block.residual_function[-1]
+    return norm.norm if hasattr(norm, "norm") else norm
+
+
+def create_resnet(depth: int, *, norm: str = "bn", stem: str | None = None, num_classes: int = 10,
+                  width: float = 1.0, shortcut: str | None = None, init: str = "torch",
+                  norm_groups: int = 32, zero_init_residual: bool = False,
+                  in_channels: int = 3) -> ResNet:
+    """Same arguments as ``flax_resnet.create_resnet`` (less rngs and dtypes)."""
+    if depth not in ARCHS:
+        raise ValueError(f"unknown depth {depth!r}; allowed: {', '.join(map(str, ARCHS))}")
+    block, num_block, channels, default_stem, default_shortcut = ARCHS[depth]
+    stem = default_stem if stem is None else stem
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; allowed: {', '.join(STEMS)}")
+    shortcut = default_shortcut if shortcut is None else str(shortcut).upper()
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"unknown shortcut {shortcut!r}; allowed: {', '.join(SHORTCUTS)}")
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width!r}")
+    channels = tuple(max(1, round(c * width)) for c in channels)
+    block_cls = BasicBlock if block == "basic" else BottleNeck
+    model = ResNet(block_cls, num_block, channels, num_classes, stem, canonical_norm(norm),
+                   norm_groups, shortcut, in_channels)
+    init_weights(model, init)
+    if zero_init_residual:
+        for m in model.modules():
+            if isinstance(m, (BasicBlock, BottleNeck)):
+                weight = _last_norm(m).weight
+                if weight is not None:
+                    nn.init.zeros_(weight)
+    return model
+
+
+__all__ = ["BasicBlock", "BottleNeck", "ResNet", "RMSNorm2d", "create_resnet", "init_weights",
+           ]
