@@ -1,0 +1,175 @@
+"""Flax NNX side: the product's train step on synthetic on-device data, timed.
+
+The step is ``flax_resnet.training.make_train_step`` itself (what ``train.py`` runs): a pure
+``jax.jit`` over the ``TrainState`` (``nnx.split(model, nnx.Param, nnx.BatchStat)``), state and
+metrics donated, augmentation (``flax_resnet.data.augment``) and normalization on the device,
+cross-entropy with label smoothing, the optax optimizer of the config, BatchNorm running
+stats updated. The config is the ``fast`` recipe with the bench config's depth, width, batch
+and dtype (``bench.run.train_config``).
+
+Best practice as the product does it: NHWC (native), ``dtype=bfloat16`` compute with float32
+parameters for ``bf16`` (the input is cast to bf16 by ``normalize``), BatchNorm statistics
+in float32 (``flax_resnet.norms``), donated state, the uint8 batch already on the device.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any
+
+from bench.configs import BenchConfig
+
+
+def _onepass_moments(x, axes):
+    """E[x^2] - E[x]^2 in float32: both sums in one read of x (one multi-output fusion)."""
+    import jax.numpy as jnp
+
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
+    mean_sq = jnp.mean(jnp.square(xf), axis=axes, keepdims=True)
+    return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+
+
+def set_bn_variance(kind: str) -> None:
+    """Swap the moments function of flax_resnet.norms in this process (a bench-only switch;
+    it takes effect for steps traced afterwards)."""
+    from flax_resnet import norms
+
+    if not hasattr(norms, "_bench_twopass_moments"):
+        norms._bench_twopass_moments = norms._moments
+    if kind == "twopass":
+        norms._moments = norms._bench_twopass_moments
+    elif kind == "onepass":
+        norms._moments = _onepass_moments
+    else:
+        raise ValueError(f"bn variance must be twopass or onepass, got {kind!r}")
+
+
+def build_step(train_cfg: dict[str, Any], num_classes: int, steps_per_epoch: int):
+    """(step, state, metrics, mesh): the product's jitted step and its placed inputs.
+
+    ``step(state, metrics, images_u8, labels) -> (state, metrics)``, both donated.
+    """
+    import jax
+
+    from flax_resnet import data as data_lib
+    from flax_resnet import training as T
+
+    cfg = T.TrainConfig.from_dict(train_cfg).validate()
+    mesh = T.make_mesh()
+    model = T.create_model(cfg, num_classes)
+    tx = T.make_optimizer(cfg, steps_per_epoch)
+    defs, state = T.init_train_state(model, tx, cfg.seed)
+    state = T.replicate(jax.device_get(state), mesh)
+    metrics = T.replicate(jax.device_get(T.zero_metrics()), mesh)
+    step = T.make_train_step(
+        defs.train, tx, cfg, data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD, mesh
+    )
+    return step, state, metrics, mesh
+
+
+def _cost_and_memory(step, *args) -> dict[str, Any]:
+    """XLA's own FLOP count and buffer-assignment peak for the compiled step (AOT, no run)."""
+    out: dict[str, Any] = {"flops_xla_per_step": None, "peak_mem_bytes": None}
+    try:
+        compiled = step.lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        out["xla_analysis_error"] = repr(e)[:300]
+        return out
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else {}
+        if cost and cost.get("flops"):
+            out["flops_xla_per_step"] = float(cost["flops"])
+    except Exception as e:  # noqa: BLE001
+        out["xla_cost_error"] = repr(e)[:300]
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            peak = (
+                mem.argument_size_in_bytes
+                + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes
+                + mem.temp_size_in_bytes
+            )
+            out["peak_mem_bytes"] = int(peak)
+            out["peak_mem_source"] = "xla buffer assignment (args+outputs-aliased+temps)"
+    except Exception as e:  # noqa: BLE001
+        out["xla_memory_error"] = repr(e)[:300]
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import flax
+    import jax
+
+    dev = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": getattr(dev, "device_kind", str(dev)),
+        "device_count": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "python": platform.python_version(),
+    }
+
+
+def run_job(
+    cfg: BenchConfig,
+    train_cfg: dict[str, Any],
+    *,
+    steps: int,
+    warmup: int,
+    windows: int,
+    tf32: bool,
+    steps_per_epoch: int,
+    bn_variance: str = "twopass",
+    seed: int = 0,
+) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    from bench.timing import run_protocol
+    from flax_resnet import training as T
+
+    # JAX's default fp32 precision on GPU lets convs/matmuls use TF32; "highest" forbids it.
+    jax.config.update("jax_default_matmul_precision", None if tf32 else "highest")
+    set_bn_variance(bn_variance)
+    step, state, metrics, mesh = build_step(train_cfg, cfg.num_classes, steps_per_epoch)
+    rng = np.random.default_rng(seed)
+    shape = (cfg.batch, cfg.image_size, cfg.image_size, 3)
+    images, labels = T.put_batch(
+        mesh,
+        cfg.batch,
+        rng.integers(0, 256, shape, dtype=np.uint8),
+        rng.integers(0, cfg.num_classes, (cfg.batch,), dtype=np.int32),
+    )
+    holder = {"state": state, "metrics": metrics}
+
+    def one_step():
+        holder["state"], holder["metrics"] = step(
+            holder["state"], holder["metrics"], images, labels
+        )
+        return holder["state"], holder["metrics"]
+
+    result = run_protocol(
+        one_step, jax.block_until_ready, batch=cfg.batch, steps=steps, warmup=warmup,
+        windows=windows,
+    )
+    summary = T.summarize(holder["metrics"])
+    result["final_loss"] = summary["loss"]  # mean over every step run
+    result["step_source"] = "flax_resnet.training.make_train_step"
+    result["bn_variance"] = bn_variance
+    # After timing, so that the first call above really included the compilation.
+    t = time.perf_counter()
+    result.update(_cost_and_memory(step, holder["state"], holder["metrics"], images, labels))
+    result["xla_analysis_s"] = time.perf_counter() - t
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        # Allocator high-water mark of this worker so far (cumulative over its jobs).
+        result["allocator_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    return result

@@ -1,0 +1,101 @@
+"""Markdown rendering of a benchmark run (the README's performance table)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+FRAMEWORK_LABELS = {
+    "flax": "Flax NNX (jit)",
+    "flax_onepass": "Flax NNX, one-pass BN var",
+    "torch": "PyTorch eager",
+    "torch_compile": "torch.compile",
+}
+
+
+def _fmt(v: Any, spec: str, none: str = "—") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _mib(v: int | None) -> str:
+    return "—" if v is None else f"{v / 2**20:,.0f}"
+
+
+def ratio(results: dict[str, Any], num: str, den: str) -> float | None:
+    a, b = results.get(num), results.get(den)
+    if not a or not b or not a.get("ok") or not b.get("ok"):
+        return None
+    return a["images_per_s"] / b["images_per_s"]
+
+
+def render_markdown(run: dict[str, Any]) -> str:
+    meta = run["meta"]
+    rounds = meta.get("repeats", 1) > 1
+    versions = " · ".join(
+        f"{k} {meta[k]}" for k in ("jax", "flax", "torch", "cuda", "cudnn") if meta.get(k)
+    )
+    lines = [
+        f"### Training-step benchmark — {meta['device']}",
+        "",
+        f"{meta['date']} · {versions} · "
+        f"recipe {meta['recipe']} ({meta['optimizer']}) · TF32 {meta['tf32']} · "
+        f"{meta['steps']} timed steps in {meta['windows']} windows after {meta['warmup']} warmup"
+        + (f", best of {meta['repeats']} rounds" if meta.get("repeats", 1) > 1 else ""),
+        "",
+        "| config | framework | images/s | step ms median (p10–p90) | compile s | "
+        "peak MiB | TFLOP/s | MFU |" + (" images/s per round |" if rounds else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if rounds else ""),
+    ]
+    for entry in run["results"]:
+        name = entry["config"]["name"]
+        for fw, r in entry["frameworks"].items():
+            label = FRAMEWORK_LABELS.get(fw, fw)
+            if not r.get("ok"):
+                why = r.get("skipped") or r.get("error", "failed")
+                lines.append(
+                    f"| {name} | {label} | {why.splitlines()[0][:60]} | | | | | |"
+                    + (" |" if rounds else "")
+                )
+                continue
+            mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+            lines.append(
+                f"| {name} | {label} | {r['images_per_s']:,.0f} | "
+                f"{r['step_ms_median']:.2f} ({r['step_ms_p10']:.2f}–{r['step_ms_p90']:.2f}) | "
+                f"{r['compile_s']:.1f} | {_mib(r.get('peak_mem_bytes'))} | "
+                f"{_fmt(r.get('achieved_tflops'), '.3g')} | {mfu} |"
+                + (" " + " / ".join(f"{x:,.0f}" for x in r.get("rounds_images_per_s", []))
+                   + " |" if rounds else "")
+            )
+    lines += [
+        "",
+        "| config | Flax / eager | Flax / compile | torch.compile / eager |"
+        + (" one-pass / two-pass |" if meta.get("has_onepass") else ""),
+        "|---|---:|---:|---:|" + ("---:|" if meta.get("has_onepass") else ""),
+    ]
+    for entry in run["results"]:
+        fws = entry["frameworks"]
+        cells = [
+            _fmt(ratio(fws, "flax", "torch"), ".2f"),
+            _fmt(ratio(fws, "flax", "torch_compile"), ".2f"),
+            _fmt(ratio(fws, "torch_compile", "torch"), ".2f"),
+        ]
+        if meta.get("has_onepass"):
+            cells.append(_fmt(ratio(fws, "flax_onepass", "flax"), ".2f"))
+        lines.append(f"| {entry['config']['name']} | " + " | ".join(cells) + " |")
+    notes = list(meta["notes"])
+    if not meta.get("on_gpu") and meta.get("loadavg_start"):
+        end = meta.get("loadavg_end") or ["?"]
+        notes.append(
+            f"CPU load average (1 min) {meta['loadavg_start'][0]} at the start, {end[0]} at "
+            f"the end, on {meta['device']}: other processes share the cores, so CPU timings "
+            "are indicative only."
+        )
+    lines += ["", *[f"- {n}" for n in notes], ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m bench.report RESULTS.json  (re-render the table)
+    import json
+    import sys
+
+    with open(sys.argv[1]) as f:
+        print(render_markdown(json.load(f)))

@@ -1,0 +1,193 @@
+"""Wall time until ``train.py`` first reaches a test accuracy (default 94%).
+
+    python bench/time_to_accuracy.py --dataset folder:data/cifar10-jpeg [--target 0.94]
+        [--recipe fast] [--workdir W] [--stop-at-target] [--json FILE] [-- TRAIN.PY ARGS...]
+    python bench/time_to_accuracy.py --metrics W/metrics.jsonl [--target 0.94]   # parse only
+
+A thin wrapper over train.py's contract: ``python train.py --recipe R --dataset D --workdir W``
+appends one JSON line per epoch to ``W/metrics.jsonl`` with ``epoch``, ``test_acc`` and the
+cumulative training wall time ``elapsed_s`` (train + eval of the epochs so far, train.py's own
+clock). The report gives, for the first epoch whose ``test_acc >= target``:
+
+* ``train_elapsed_s``: that row's ``elapsed_s`` (excludes process start and data loading;
+  includes the first step's compilation, which falls in epoch 1);
+* ``wall_s``: seconds from launching train.py until the row appeared in metrics.jsonl
+  (everything: interpreter start, data decoding, compilation, training, evaluation), measured
+  by polling the file (resolution ``--poll`` seconds). Only in launch mode.
+
+A fresh ``--workdir`` is used by default (train.py resumes from a workdir's checkpoints).
+Exit status: 0 if the target was reached, 1 if not, 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TIME_KEYS = ("elapsed_s", "wall_time_s", "wall_time", "time_s")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The complete JSON lines of a metrics.jsonl (a partly written last line is skipped)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def row_time(row: dict[str, Any]) -> float | None:
+    for key in TIME_KEYS:
+        if key in row and row[key] is not None:
+            return float(row[key])
+    return None
+
+
+def first_reaching(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    for row in rows:
+        acc = row.get("test_acc")
+        if acc is not None and float(acc) >= target:
+            return row
+    return None
+
+
+def summarize(
+    rows: list[dict[str, Any]], target: float, seen_at: dict[int, float] | None = None
+) -> dict[str, Any]:
+    hit = first_reaching(rows, target)
+    accs = [float(r["test_acc"]) for r in rows if r.get("test_acc") is not None]
+    out: dict[str, Any] = {
+        "target": target,
+        "reached": hit is not None,
+        "epochs_logged": len(rows),
+        "best_test_acc": max(accs) if accs else None,
+        "final_test_acc": accs[-1] if accs else None,
+        "final_train_elapsed_s": row_time(rows[-1]) if rows else None,
+    }
+    if hit is not None:
+        out.update(
+            epoch=hit.get("epoch"),
+            test_acc=float(hit["test_acc"]),
+            train_elapsed_s=row_time(hit),
+        )
+        if seen_at is not None and hit.get("epoch") in seen_at:
+            out["wall_s"] = seen_at[hit["epoch"]]
+    return out
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    p = argparse.ArgumentParser(
+        prog="time_to_accuracy", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--target", type=float, default=0.94, help="test accuracy in [0, 1]")
+    p.add_argument("--metrics", default=None,
+                   help="only parse this metrics.jsonl (no training run)")
+    p.add_argument("--dataset", default=None, help="train.py --dataset (e.g. folder:PATH)")
+    p.add_argument("--recipe", default="fast", help="train.py --recipe")
+    p.add_argument("--workdir", default=None,
+                   help="train.py --workdir (default: a fresh runs/tta-<time>)")
+    p.add_argument("--train-script", default=str(ROOT / "train.py"))
+    p.add_argument("--stop-at-target", action="store_true",
+                   help="stop train.py once the target is reached")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between metrics reads")
+    p.add_argument("--json", dest="json_path", default=None, help="write the report here")
+    args = p.parse_args(argv)
+    if not 0.0 < args.target <= 1.0:
+        p.error(f"--target {args.target} must be in (0, 1] (a fraction, e.g. 0.94)")
+    if args.metrics is None and args.dataset is None:
+        p.error("give --dataset to run train.py, or --metrics FILE to parse a finished run")
+    return args, extra
+
+
+def run_training(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    workdir = Path(args.workdir or ROOT / "runs" / time.strftime("tta-%Y%m%d-%H%M%S"))
+    metrics_path = workdir / "metrics.jsonl"
+    if metrics_path.exists():
+        print(f"[tta] note: {metrics_path} exists; train.py will resume that run",
+              file=sys.stderr)
+    cmd = [sys.executable, args.train_script, "--recipe", args.recipe,
+           "--dataset", args.dataset, "--workdir", str(workdir), *extra]
+    print("[tta] " + " ".join(cmd), file=sys.stderr, flush=True)
+    seen_at: dict[int, float] = {}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    stopped_early = False
+    try:
+        while True:
+            done = proc.poll() is not None
+            rows = read_rows(metrics_path)
+            now = time.monotonic() - t0
+            for row in rows:
+                if row.get("epoch") is not None:
+                    seen_at.setdefault(row["epoch"], now)
+            if args.stop_at_target and first_reaching(rows, args.target) is not None and not done:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=120)
+                stopped_early = True
+                break
+            if done:
+                break
+            time.sleep(args.poll)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+    rows = read_rows(metrics_path)
+    report = summarize(rows, args.target, seen_at)
+    report.update(
+        command=cmd, workdir=str(workdir), returncode=proc.returncode,
+        stopped_at_target=stopped_early, total_wall_s=time.monotonic() - t0,
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
+    if args.metrics is not None:
+        report = summarize(read_rows(Path(args.metrics)), args.target)
+        report["metrics"] = args.metrics
+    else:
+        report = run_training(args, extra)
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(report, indent=2))
+    target = f"{100 * args.target:.1f}%"
+    if report["reached"]:
+        wall = f", {report['wall_s']:.0f} s since launch" if "wall_s" in report else ""
+        print(f"reached {target} test accuracy at epoch {report['epoch']} "
+              f"({100 * report['test_acc']:.2f}%): {report['train_elapsed_s']:.1f} s of "
+              f"training{wall}")
+    else:
+        best = report["best_test_acc"]
+        print(f"did not reach {target} in {report['epochs_logged']} epochs (best "
+              f"{'n/a' if best is None else f'{100 * best:.2f}%'})")
+    return 0 if report["reached"] else 1
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):
+        sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

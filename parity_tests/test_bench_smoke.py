@@ -1,0 +1,107 @@
+"""Smoke test of the training-step benchmark (bench/): one tiny config on the CPU.
+
+Runs ``python -m bench`` end to end (orchestrator, Flax and PyTorch workers, the product's
+train step, JSON and Markdown output) for ResNet-18 at 1/8 width, batch 8, 16x16 images,
+two timed steps, and checks the JSON's structure and that the numbers are positive. No
+timing assertions: CPU timings mean nothing here. torch.compile is left out (its C++/Triton
+compile takes minutes on a small CPU box); its code path is the eager one plus one
+``torch.compile`` call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = "resnet18w0.125-b8-fp32"
+RESULT_KEYS = {
+    "ok", "compile_s", "step_ms_median", "step_ms_p10", "step_ms_p90", "images_per_s",
+    "timed_steps", "final_loss", "achieved_tflops", "mfu", "step_source",
+}
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]:
+    out = tmp_path_factory.mktemp("bench")
+    json_path, md_path = out / "bench.json", out / "bench.md"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--configs", CONFIG, "--image-size", "16",
+         "--frameworks", "flax,torch", "--steps", "2", "--warmup", "1", "--windows", "2",
+         "--json", str(json_path), "--markdown", str(md_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(json_path.read_text()), md_path.read_text(), proc.stdout
+
+
+def test_json_structure(bench_run: tuple[dict, str, str]) -> None:
+    run, _, _ = bench_run
+    meta = run["meta"]
+    for key in ("date", "device", "jax", "flax", "torch", "steps", "warmup", "windows",
+                "tf32", "recipe", "notes"):
+        assert key in meta, key
+    assert meta["on_gpu"] is False
+    (entry,) = run["results"]
+    assert entry["config"]["name"] == CONFIG
+    assert entry["config"]["image_size"] == 16
+    assert entry["flops"]["train_per_image"] == 3 * entry["flops"]["forward_per_image"] > 0
+    assert entry["train_config"]["depth"] == 18 and entry["train_config"]["batch_size"] == 8
+    assert set(entry["frameworks"]) == {"flax", "torch"}
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_positive_numbers(bench_run: tuple[dict, str, str], framework: str) -> None:
+    run, _, _ = bench_run
+    r = run["results"][0]["frameworks"][framework]
+    assert r["ok"], r.get("error")
+    assert RESULT_KEYS <= set(r), RESULT_KEYS - set(r)
+    for key in ("compile_s", "step_ms_median", "step_ms_p10", "step_ms_p90", "images_per_s",
+                "achieved_tflops"):
+        assert r[key] > 0 and math.isfinite(r[key]), (key, r[key])
+    assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
+    assert r["timed_steps"] == 2
+    assert math.isfinite(r["final_loss"]) and r["final_loss"] > 0
+    assert r["mfu"] is None  # CPU without --peak-tflops
+    if framework == "flax":
+        assert r["step_source"] == "flax_resnet.training.make_train_step"
+        assert r["peak_mem_bytes"] > 0
+        assert r["flops_xla_per_step"] > 0
+
+
+def test_markdown_table(bench_run: tuple[dict, str, str]) -> None:
+    _, md, stdout = bench_run
+    assert md.strip() == stdout.strip()
+    assert "| config | framework | images/s" in md
+    assert f"| {CONFIG} | Flax NNX (jit) |" in md
+    assert f"| {CONFIG} | PyTorch eager |" in md
+    assert "Flax / eager" in md
+
+
+def test_flop_count_matches_torchvision() -> None:
+    """torchvision's model cards: ResNet-18 1.81, ResNet-50 4.09 GMACs ("GFLOPS") at 224."""
+    from bench.flops import resnet_flops
+
+    r18 = resnet_flops(18, stem="imagenet", image_size=224, num_classes=1000)
+    r50 = resnet_flops(50, stem="imagenet", image_size=224, num_classes=1000)
+    assert round(r18.forward_per_image / 2e9, 2) == 1.81
+    assert round(r50.forward_per_image / 2e9, 2) == 4.09
+    assert r18.train_per_image == 3 * r18.forward_per_image
+
+
+def test_peak_table() -> None:
+    from bench.flops import lookup_peak_tflops
+
+    assert lookup_peak_tflops("NVIDIA H100 80GB HBM3", "bf16", True) == 989.0
+    assert lookup_peak_tflops("NVIDIA H200", "fp32", False) == 67.0
+    assert lookup_peak_tflops("NVIDIA H100 PCIe", "bf16", True) == 756.0
+    assert lookup_peak_tflops("cpu", "fp32", True) is None
