@@ -1,0 +1,286 @@
+"""Weight conversion (``flax_resnet.convert``) and the factories' argument checking."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from harness import LOGIT_RTOL, Config, build_flax, build_torch, make_inputs, nhwc, rel_err
+from safetensors.torch import load_file as load_safetensors_torch
+
+import flax_resnet
+import torch_ref
+from flax_resnet import convert
+from flax_resnet.convert import ConversionError
+
+# Small models covering: both blocks, both stems, both shortcuts, every norm's parameters.
+ROUND_TRIP = [
+    Config(depth=18, norm="bn", stem="imagenet"),
+    Config(depth=50, norm="gn", stem="cifar"),
+    Config(depth=20, norm="rms", shortcut="B"),
+    Config(depth=20, norm="in"),
+    Config(depth=18, norm="ln", stem="cifar", shortcut="A"),
+]
+
+
+def trained_flax(cfg: Config, seed: int = 0) -> nnx.Module:
+    """A Flax model whose BatchNorm stats and counters moved away from their init values."""
+    model = flax_resnet.create_resnet(cfg.depth, **cfg.factory_kwargs(), rngs=nnx.Rngs(seed))
+    model.train()
+    x, _ = make_inputs(cfg)
+    model(nhwc(x))
+    model(nhwc(x[::-1].copy()))
+    model.eval()
+    return model
+
+
+def flax_values(model: nnx.Module) -> dict[str, np.ndarray]:
+    return {key: np.asarray(var[...]) for key, _, var in convert.model_variables(model)}
+
+
+def assert_bit_exact(a: nnx.Module, b: nnx.Module) -> None:
+    va, vb = flax_values(a), flax_values(b)
+    assert va.keys() == vb.keys()
+    for key in va:
+        assert va[key].dtype == vb[key].dtype, key
+        assert va[key].shape == vb[key].shape, key
+        assert np.array_equal(va[key], vb[key]), key
+
+
+@pytest.mark.parametrize("cfg", ROUND_TRIP, ids=lambda c: c.label)
+def test_round_trip_through_torch_state_dict_is_bit_exact(cfg):
+    model = trained_flax(cfg, seed=1)
+    state_dict = convert.to_torch_state_dict(model)
+    assert all(isinstance(v, torch.Tensor) for v in state_dict.values())
+    other = flax_resnet.create_resnet(cfg.depth, **cfg.factory_kwargs(), rngs=nnx.Rngs(2))
+    assert not all(np.array_equal(flax_values(model)[k], v) for k, v in flax_values(other).items())
+    convert.load_torch_state_dict(other, state_dict)
+    assert_bit_exact(model, other)
+    # ... and the numpy flavour too
+    third = flax_resnet.create_resnet(cfg.depth, **cfg.factory_kwargs(), rngs=nnx.Rngs(3))
+    convert.load_torch_state_dict(third, convert.to_numpy_state_dict(model))
+    assert_bit_exact(model, third)
+
+
+@pytest.mark.parametrize("cfg", ROUND_TRIP, ids=lambda c: c.label)
+def test_state_dict_keys_shapes_dtypes_match_torch_ref(cfg):
+    ours = convert.to_torch_state_dict(trained_flax(cfg))
+    theirs = build_torch(cfg).state_dict()
+    assert list(ours) == list(theirs) or set(ours) == set(theirs)
+    for key, value in theirs.items():
+        assert tuple(ours[key].shape) == tuple(value.shape), key
+        assert ours[key].dtype == value.dtype, key  # float32, and int64 num_batches_tracked
+
+
+@pytest.mark.parametrize("cfg", ROUND_TRIP, ids=lambda c: c.label)
+def test_safetensors_file_loads_into_torch_ref_strictly_with_same_logits(cfg, tmp_path):
+    model = trained_flax(cfg, seed=4)
+    path = tmp_path / "model.safetensors"
+    convert.save_safetensors(model, path)
+    assert os.listdir(tmp_path) == ["model.safetensors"]  # written atomically, no leftovers
+    torch_model = torch_ref.create_resnet(cfg.depth, **cfg.factory_kwargs())
+    result = torch_model.load_state_dict(load_safetensors_torch(str(path)), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    x, _ = make_inputs(cfg)
+    torch_model.eval()
+    with torch.no_grad():
+        y_torch = torch_model(torch.from_numpy(x)).numpy()
+    y_flax = np.asarray(model(nhwc(x)))
+    # Same tolerance and reason as the forward parity tests (harness.LOGIT_RTOL).
+    assert rel_err(y_flax, y_torch) <= LOGIT_RTOL
+    # The file also loads back into Flax bit-exactly.
+    back = flax_resnet.create_resnet(cfg.depth, **cfg.factory_kwargs(), rngs=nnx.Rngs(5))
+    convert.load_torch_checkpoint(back, path)
+    assert_bit_exact(model, back)
+
+
+# ------------------------------------------------------------------------------------------
+# .pt files
+
+
+@pytest.mark.parametrize("wrapper", [None, "state_dict", "model"])
+def test_pt_checkpoint_loads_plain_or_wrapped(tmp_path, wrapper):
+    cfg = Config(depth=20, norm="bn")
+    torch_model = build_torch(cfg)
+    state_dict = torch_model.state_dict()
+    obj = state_dict if wrapper is None else {wrapper: state_dict, "epoch": 7, "optimizer": {}}
+    path = tmp_path / "ckpt.pt"
+    torch.save(obj, path)
+    model = build_flax(cfg, path)
+    expected = {k: v.numpy() for k, v in state_dict.items()}
+    got = convert.to_numpy_state_dict(model)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert np.array_equal(got[key], expected[key]), key
+
+
+def test_pth_suffix_is_accepted(tmp_path):
+    cfg = Config(depth=20, norm="gn")
+    torch_model = build_torch(cfg)
+    path = tmp_path / "weights.pth"
+    torch.save(torch_model.state_dict(), path)
+    build_flax(cfg, path)
+
+
+@pytest.mark.parametrize("name", ["weights.npz", "weights.ckpt", "weights"])
+def test_unknown_file_suffix_raises(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"not a checkpoint")
+    model = flax_resnet.create_resnet(20, width=0.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ConversionError) as info:
+        convert.load_torch_checkpoint(model, path)
+    msg = str(info.value)
+    assert repr(os.path.splitext(name)[1]) in msg and ".safetensors" in msg and ".pt" in msg
+
+
+def test_pt_file_without_a_state_dict_raises(tmp_path):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    model = flax_resnet.create_resnet(20, width=0.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ConversionError, match="Tensor"):
+        convert.load_torch_checkpoint(model, path)
+
+
+# ------------------------------------------------------------------------------------------
+# mismatching state_dicts
+
+
+@pytest.fixture
+def pair():
+    cfg = Config(depth=18, norm="bn", num_classes=10)
+    model = flax_resnet.create_resnet(cfg.depth, **cfg.factory_kwargs(), rngs=nnx.Rngs(0))
+    return model, build_torch(cfg).state_dict()
+
+
+def _load_error(model: nnx.Module, state_dict) -> str:
+    before = flax_values(model)
+    with pytest.raises(ConversionError) as info:
+        convert.load_torch_state_dict(model, state_dict)
+    after = flax_values(model)
+    # Nothing was loaded: the model is untouched.
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert isinstance(info.value, ValueError)
+    return str(info.value)
+
+
+def test_missing_key_raises_naming_it(pair):
+    model, state_dict = pair
+    del state_dict["conv2_x.1.residual_function.4.running_var"]
+    msg = _load_error(model, state_dict)
+    assert "conv2_x.1.residual_function.4.running_var" in msg and "missing" in msg
+
+
+def test_unexpected_key_raises_naming_it(pair):
+    model, state_dict = pair
+    state_dict["fc.extra_bias"] = torch.zeros(10)
+    msg = _load_error(model, state_dict)
+    assert "fc.extra_bias" in msg and "unexpected" in msg
+
+
+def test_missing_and_unexpected_keys_are_both_named(pair):
+    model, state_dict = pair
+    state_dict["layer1.0.conv1.weight"] = state_dict.pop("conv2_x.0.residual_function.0.weight")
+    msg = _load_error(model, state_dict)
+    assert "layer1.0.conv1.weight" in msg and "conv2_x.0.residual_function.0.weight" in msg
+
+
+@pytest.mark.parametrize(
+    "key,bad_shape",
+    [
+        ("fc.weight", (11, 64)),  # (out, in) -> Flax (in, out)
+        ("conv1.0.weight", (8, 3, 3, 3)),  # OIHW -> HWIO
+        ("conv1.1.running_mean", (9,)),
+    ],
+)
+def test_wrong_shape_raises_naming_key_and_both_shapes(pair, key, bad_shape):
+    model, state_dict = pair
+    expected_torch = tuple(state_dict[key].shape)
+    state_dict[key] = torch.zeros(bad_shape)
+    msg = _load_error(model, state_dict)
+    assert repr(key) in msg or key in msg
+    assert str(bad_shape) in msg
+    # The expected shape, in PyTorch's layout or in Flax's (OIHW -> HWIO, (out, in) -> (in, out)).
+    perm = {4: (2, 3, 1, 0), 2: (1, 0), 1: (0,)}[len(expected_torch)]
+    expected_flax = tuple(expected_torch[i] for i in perm)
+    assert str(expected_torch) in msg or str(expected_flax) in msg, msg
+
+
+def test_values_are_cast_to_the_model_dtype(pair):
+    model, state_dict = pair
+    state_dict = {k: (v.double() if v.is_floating_point() else v) for k, v in state_dict.items()}
+    convert.load_torch_state_dict(model, state_dict)
+    for _, _, var in convert.model_variables(model):
+        assert var[...].dtype in (jnp.float32, jnp.int32)
+
+
+def test_bfloat16_params_round_trip(tmp_path):
+    model = flax_resnet.create_resnet(
+        20, width=0.5, norm="gn", norm_groups=4, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+    )
+    sd = convert.to_torch_state_dict(model)
+    other = flax_resnet.create_resnet(
+        20, width=0.5, norm="gn", norm_groups=4, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1)
+    )
+    convert.load_torch_state_dict(other, sd)
+    assert_bit_exact(model, other)
+    assert jax.tree.leaves(nnx.state(other, nnx.Param))[0].dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------
+# factory arguments: ValueError naming the bad value and the allowed ones, in both packages
+
+BAD_ARGS = [
+    ("depth", 19, [18, 34, 50, 101, 152, 20, 32, 44, 56, 110]),
+    ("norm", "batchnrom", ["bn", "ln", "gn", "in", "rms"]),
+    ("stem", "resnet", ["imagenet", "cifar"]),
+    ("shortcut", "C", ["A", "B"]),
+    ("init", "he_normal", list(torch_ref.INIT_SCHEMES)),
+]
+
+
+def _factories():
+    return [
+        ("flax", lambda depth=18, **kw: flax_resnet.create_resnet(depth, rngs=nnx.Rngs(0), **kw)),
+        ("torch", lambda depth=18, **kw: torch_ref.create_resnet(depth, **kw)),
+    ]
+
+
+@pytest.mark.parametrize("package,factory", _factories(), ids=["flax", "torch"])
+@pytest.mark.parametrize("arg,value,allowed", BAD_ARGS, ids=[a for a, _, _ in BAD_ARGS])
+def test_bad_factory_argument_names_value_and_allowed(package, factory, arg, value, allowed):
+    kwargs = {arg: value} if arg != "depth" else {"depth": value}
+    kwargs.setdefault("width", 0.125)
+    with pytest.raises(ValueError) as info:
+        factory(**kwargs)
+    msg = str(info.value)
+    assert repr(value) in msg, msg
+    for name in allowed:
+        assert re.search(rf"(?<![\w.]){re.escape(str(name))}(?![\w.])", msg), (name, msg)
+
+
+def test_flax_and_torch_allow_the_same_init_schemes():
+    assert tuple(flax_resnet.init.INIT_SCHEMES) == tuple(torch_ref.INIT_SCHEMES)
+
+
+@pytest.mark.parametrize("package,factory", _factories(), ids=["flax", "torch"])
+@pytest.mark.parametrize("width", [0, -1.0])
+def test_bad_width_raises(package, factory, width):
+    with pytest.raises(ValueError, match=re.escape(repr(width))):
+        factory(width=width)
+
+
+@pytest.mark.parametrize("package,factory", _factories(), ids=["flax", "torch"])
+def test_gn_groups_not_dividing_channels_raises(package, factory):
+    with pytest.raises(ValueError, match="groups=3"):
+        factory(norm="gn", norm_groups=3, width=0.125)
+
+
+@pytest.mark.parametrize("package,factory", _factories(), ids=["flax", "torch"])
+def test_aliases_and_case_are_accepted(package, factory):
+    factory(norm="BatchNorm", shortcut="a", width=0.125)

@@ -1,0 +1,509 @@
+"""Each standalone layer of ``flax_resnet.norms`` against its PyTorch twin.
+
+Flax layers are channel-last (NHWC), PyTorch's channel-first (NCHW): inputs are transposed,
+parameters copied from the randomly initialised torch layer, and outputs/statistics compared.
+
+Tolerances. One normalization layer is a two-pass mean/variance reduction over at most a few
+thousand float32 values plus an elementwise affine: the two frameworks differ only in the
+order of summation, ~sqrt(n) ulps ≈ 1e-6 relative at worst here. Outputs must agree within
+1e-5·max|y| and running statistics within 1e-5·max|stat|: ~10x headroom, while a wrong eps
+(1e-6 vs 1e-5), momentum convention or biased/unbiased variance is a >=1e-3 effect on the
+inputs below (small-variance inputs make eps visible; see the eps sensitivity checks).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from harness import rel_err
+from torch import nn
+
+import torch_ref
+from flax_resnet import norms as fnorms
+
+RTOL = 1e-5  # outputs and running stats, see the module docstring
+# bfloat16 keeps 8 significant bits: one rounding of the output is <= 2^-9 relative, and
+# PyTorch rounds twice (normalized value, then times the weight) where Flax rounds once,
+# so <= 2 ulps of the largest value: 2^-7 * max|y|.
+BF16_RTOL = 2.0**-7
+
+# NHWC shapes: odd sizes, a single sample, 1x2 spatial, more channels.
+SHAPES_4D = [(4, 7, 5, 3), (1, 9, 11, 6), (3, 1, 2, 5), (2, 13, 17, 16)]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([12345, *key])
+
+
+def sample(shape: tuple[int, ...], *key: int, loc: float = 0.5, scale: float = 2.0) -> np.ndarray:
+    """Non-zero mean and non-unit variance so that both the centring and the scaling matter."""
+    return (loc + scale * rng(*key).standard_normal(shape)).astype(np.float32)
+
+
+def to_nchw(x: np.ndarray) -> torch.Tensor:
+    """A channel-last numpy array as a channel-first torch tensor (any rank >= 2)."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
+
+
+def from_nchw(t: torch.Tensor) -> np.ndarray:
+    return np.moveaxis(t.detach().float().numpy(), 1, -1)
+
+
+def randomize_(layer: nn.Module, seed: int = 0) -> None:
+    """Random affine params and running stats (so eval mode and the copy are real tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if getattr(layer, "weight", None) is not None:
+            layer.weight.uniform_(0.5, 1.5, generator=gen)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.normal_(0.0, 0.3, generator=gen)
+        if getattr(layer, "running_mean", None) is not None:
+            layer.running_mean.normal_(0.0, 0.3, generator=gen)
+            layer.running_var.uniform_(0.5, 2.0, generator=gen)
+
+
+def copy_params(flax_layer: nnx.Module, torch_layer: nn.Module, perm=None) -> None:
+    """torch weight/bias/running stats -> Flax scale/bias/mean/var (affine permuted by perm)."""
+
+    def arr(t: torch.Tensor) -> jnp.ndarray:
+        a = t.detach().numpy()
+        return jnp.asarray(a.transpose(perm) if perm is not None and a.ndim > 1 else a)
+
+    pairs = [("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"), ("var", "running_var")]
+    for fname, tname in pairs:
+        fvar = getattr(flax_layer, fname, None)
+        tval = getattr(torch_layer, tname, None)
+        assert (fvar is None) == (tval is None), f"{fname} present in only one framework"
+        if fvar is not None:
+            fvar[...] = arr(tval)
+    if getattr(torch_layer, "num_batches_tracked", None) is not None:
+        flax_layer.num_batches_tracked[...] = jnp.asarray(int(torch_layer.num_batches_tracked))
+
+
+def set_mode(flax_layer: nnx.Module, torch_layer: nn.Module, train: bool) -> None:
+    if train:
+        flax_layer.train()
+        torch_layer.train()
+    else:
+        flax_layer.eval()
+        torch_layer.eval()
+
+
+def assert_stats_match(flax_layer: nnx.Module, torch_layer: nn.Module) -> None:
+    if torch_layer.running_mean is None:
+        assert flax_layer.mean is None and flax_layer.var is None
+        return
+    assert rel_err(flax_layer.mean[...], torch_layer.running_mean.numpy()) <= RTOL
+    assert rel_err(flax_layer.var[...], torch_layer.running_var.numpy()) <= RTOL
+
+
+# ------------------------------------------------------------------------------------------
+# BatchNorm2d
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.25, None], ids=["m0.1", "m0.25", "mNone"])
+@pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("shape", SHAPES_4D, ids=lambda s: "x".join(map(str, s)))
+def test_batchnorm2d(shape, affine, track, momentum):
+    c = shape[-1]
+    t = nn.BatchNorm2d(c, momentum=momentum, affine=affine, track_running_stats=track)
+    randomize_(t)
+    f = fnorms.BatchNorm2d(c, momentum=momentum, affine=affine, track_running_stats=track)
+    copy_params(f, t)
+    # Three train steps: momentum=None is the cumulative average over num_batches_tracked,
+    # and the unbiased n/(n-1) running variance shows up from the first step.
+    for step in range(3):
+        x = sample(shape, 1, step)
+        set_mode(f, t, train=True)
+        y_t = from_nchw(t(to_nchw(x)))
+        y_f = np.asarray(f(jnp.asarray(x)))
+        assert rel_err(y_f, y_t) <= RTOL, f"train step {step}"
+        assert_stats_match(f, t)
+        if track:
+            assert int(f.num_batches_tracked[...]) == int(t.num_batches_tracked)
+    x = sample(shape, 2, 0, loc=-0.3, scale=0.7)
+    set_mode(f, t, train=False)
+    with torch.no_grad():
+        y_t = from_nchw(t(to_nchw(x)))
+    y_f = np.asarray(f(jnp.asarray(x)))
+    assert rel_err(y_f, y_t) <= RTOL, "eval"
+    assert_stats_match(f, t)  # eval mode leaves them alone
+
+
+def test_batchnorm2d_eval_uses_running_stats_not_batch_stats():
+    # Sanity check of the comparison itself: random running stats differ from the batch's.
+    t = nn.BatchNorm2d(5)
+    randomize_(t, seed=3)
+    f = fnorms.BatchNorm2d(5)
+    copy_params(f, t)
+    x = sample((2, 6, 7, 5), 9)
+    set_mode(f, t, train=False)
+    y_eval = np.asarray(f(jnp.asarray(x)))
+    with torch.no_grad():
+        assert rel_err(y_eval, from_nchw(t(to_nchw(x)))) <= RTOL
+    f.train()
+    y_train = np.asarray(f(jnp.asarray(x)))
+    assert rel_err(y_eval, y_train) > 1e-2
+
+
+@pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
+def test_batchnorm2d_one_value_per_channel_raises_in_train_mode(track):
+    x = sample((1, 1, 1, 4), 0)
+    t = nn.BatchNorm2d(4, track_running_stats=track).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        t(to_nchw(x))
+    f = fnorms.BatchNorm2d(4, track_running_stats=track)
+    f.train()
+    with pytest.raises(ValueError, match=r"\(1, 1, 1, 4\)"):
+        f(jnp.asarray(x))
+
+
+def test_batchnorm2d_one_value_per_channel_is_fine_in_eval_mode():
+    x = sample((1, 1, 1, 4), 0)
+    t = nn.BatchNorm2d(4)
+    randomize_(t)
+    f = fnorms.BatchNorm2d(4)
+    copy_params(f, t)
+    set_mode(f, t, train=False)
+    with torch.no_grad():
+        assert rel_err(np.asarray(f(jnp.asarray(x))), from_nchw(t(to_nchw(x)))) <= RTOL
+
+
+# ------------------------------------------------------------------------------------------
+# GroupNorm
+
+
+GROUPNORM_CASES = [
+    # (channel-last shape, groups)
+    ((4, 7, 5, 6), 1),
+    ((4, 7, 5, 6), 2),
+    ((4, 7, 5, 6), 3),
+    ((4, 7, 5, 6), 6),
+    ((1, 9, 11, 16), 4),
+    ((2, 13, 17, 32), 32),
+    ((5, 12), 4),  # (N, C)
+    ((3, 11, 9), 3),  # (N, L, C)
+    ((2, 3, 4, 5, 8), 2),  # (N, D, H, W, C)
+]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize(
+    "shape,groups", GROUPNORM_CASES, ids=[f"{'x'.join(map(str, s))}-g{g}" for s, g in GROUPNORM_CASES]
+)
+def test_groupnorm(shape, groups, affine, train):
+    c = shape[-1]
+    t = nn.GroupNorm(groups, c, affine=affine)
+    randomize_(t)
+    f = fnorms.GroupNorm(groups, c, affine=affine)
+    copy_params(f, t)
+    set_mode(f, t, train)
+    x = sample(shape, 3, groups)
+    y_f = np.asarray(f(jnp.asarray(x)))
+    assert rel_err(y_f, from_nchw(t(to_nchw(x)))) <= RTOL
+
+
+# ------------------------------------------------------------------------------------------
+# InstanceNorm2d
+
+
+def test_instancenorm2d_defaults_like_torch():
+    t = nn.InstanceNorm2d(6)
+    f = fnorms.InstanceNorm2d(6)
+    assert t.affine is False and t.track_running_stats is False
+    assert f.scale is None and f.bias is None
+    assert f.mean is None and f.var is None and f.num_batches_tracked is None
+
+
+@pytest.mark.parametrize("unbatched", [False, True], ids=["NHWC", "HWC"])
+@pytest.mark.parametrize(
+    "affine,track", [(False, False), (True, True), (True, False), (False, True)],
+    ids=["default", "affine-track", "affine", "track"],
+)
+@pytest.mark.parametrize("shape", SHAPES_4D[:2] + SHAPES_4D[3:], ids=lambda s: "x".join(map(str, s)))
+def test_instancenorm2d(shape, affine, track, unbatched):
+    if unbatched:
+        shape = shape[1:]
+    c = shape[-1]
+    t = nn.InstanceNorm2d(c, affine=affine, track_running_stats=track)
+    randomize_(t)
+    f = fnorms.InstanceNorm2d(c, affine=affine, track_running_stats=track)
+    copy_params(f, t)
+    for step in range(2):
+        x = sample(shape, 4, step)
+        set_mode(f, t, train=True)
+        y_f = np.asarray(f(jnp.asarray(x)))
+        assert rel_err(y_f, from_nchw_any(t(to_nchw_any(x)))) <= RTOL, f"train step {step}"
+        assert_stats_match(f, t)
+    x = sample(shape, 5, 0, loc=-0.2, scale=0.6)
+    set_mode(f, t, train=False)
+    with torch.no_grad():
+        y_t = from_nchw_any(t(to_nchw_any(x)))
+    assert rel_err(np.asarray(f(jnp.asarray(x))), y_t) <= RTOL, "eval"
+
+
+def to_nchw_any(x: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) -> (N, C, H, W) and unbatched (H, W, C) -> (C, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, -3)))
+
+
+def from_nchw_any(t: torch.Tensor) -> np.ndarray:
+    return np.moveaxis(t.detach().numpy(), -3, -1)
+
+
+def test_instancenorm2d_momentum_none_like_torch():
+    """PyTorch's InstanceNorm passes ``momentum=None`` on as 0.0 (running stats never move)
+    and never increments ``num_batches_tracked``; the Flax twin must do the same."""
+    t = nn.InstanceNorm2d(4, momentum=None, affine=True, track_running_stats=True)
+    randomize_(t)
+    f = fnorms.InstanceNorm2d(4, momentum=None, affine=True, track_running_stats=True)
+    copy_params(f, t)
+    set_mode(f, t, train=True)
+    for step in range(2):
+        x = sample((3, 5, 6, 4), 6, step)
+        assert rel_err(np.asarray(f(jnp.asarray(x))), from_nchw(t(to_nchw(x)))) <= RTOL
+    assert int(f.num_batches_tracked[...]) == int(t.num_batches_tracked)
+    assert_stats_match(f, t)
+
+
+def test_instancenorm2d_one_spatial_element_raises_like_torch():
+    """PyTorch refuses instance statistics of a single value (train mode, or no running
+    stats); the Flax twin silently returns the bias."""
+    x = sample((2, 1, 1, 3), 7)
+    t = nn.InstanceNorm2d(3)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        t(to_nchw(x))
+    f = fnorms.InstanceNorm2d(3)
+    f.train()
+    with pytest.raises(ValueError, match=r"\(2, 1, 1, 3\)"):
+        f(jnp.asarray(x))
+
+
+# ------------------------------------------------------------------------------------------
+# LayerNorm
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)],
+                         ids=["affine", "nobias", "noaffine"])
+@pytest.mark.parametrize(
+    "shape,ndims", [((4, 9, 7), 1), ((3, 5, 6, 10), 1), ((2, 5, 6, 7), 2), ((3, 4, 11, 13), 2)],
+    ids=["NLC-1d", "NHWC-1d", "2d", "2d-b"],
+)
+def test_layernorm_layout_agnostic(shape, ndims, affine, bias):
+    """normalized_shape of 1 and 2 trailing dims: the same tensor in both frameworks."""
+    normalized = shape[-ndims:]
+    t = nn.LayerNorm(list(normalized), elementwise_affine=affine, bias=bias)
+    randomize_(t)
+    f = fnorms.LayerNorm(normalized, elementwise_affine=affine, bias=bias)
+    copy_params(f, t)
+    x = sample(shape, 8, ndims)
+    for train in (True, False):
+        set_mode(f, t, train)
+        y_t = t(torch.from_numpy(x)).detach().numpy()
+        assert rel_err(np.asarray(f(jnp.asarray(x))), y_t) <= RTOL
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)],
+                         ids=["affine", "nobias", "noaffine"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 9, 11, 6), (3, 4, 4, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_layernorm_over_chw(shape, affine, bias):
+    """torch LayerNorm([C, H, W]) on NCHW == Flax LayerNorm((H, W, C)) on NHWC with the
+    (C, H, W) affine params permuted to (H, W, C)."""
+    n, h, w, c = shape
+    t = nn.LayerNorm([c, h, w], elementwise_affine=affine, bias=bias)
+    randomize_(t)
+    f = fnorms.LayerNorm((h, w, c), elementwise_affine=affine, bias=bias)
+    copy_params(f, t, perm=(1, 2, 0))
+    x = sample(shape, 9)
+    y_t = from_nchw(t(to_nchw(x)))
+    assert rel_err(np.asarray(f(jnp.asarray(x))), y_t) <= RTOL
+
+
+def test_layernorm_eps_matters():
+    # Sanity check that the inputs make eps visible: 1e-5 (torch) vs 1e-6 (Flax's default).
+    x = sample((4, 16), 10, loc=0.0, scale=3e-3)
+    t = nn.LayerNorm(16)
+    y_t = t(torch.from_numpy(x)).detach().numpy()
+    assert rel_err(np.asarray(fnorms.LayerNorm(16)(jnp.asarray(x))), y_t) <= RTOL
+    assert rel_err(np.asarray(fnorms.LayerNorm(16, eps=1e-6)(jnp.asarray(x))), y_t) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------
+# RMSNorm / RMSNorm2d
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("eps", [None, 1e-6, 1e-3], ids=["epsNone", "eps1e-6", "eps1e-3"])
+@pytest.mark.parametrize(
+    "shape,ndims", [((4, 9, 7), 1), ((2, 5, 6, 10), 1), ((3, 5, 6, 7), 2), ((2, 3, 4, 5), 3)],
+    ids=["NLC-1d", "NHWC-1d", "2d", "3d"],
+)
+@pytest.mark.parametrize("scale", [1.0, 1e-4], ids=["unit", "tiny"])
+def test_rmsnorm(shape, ndims, eps, affine, scale):
+    """``scale=1e-4`` gives mean(x^2) ~ 1e-8 < float32 eps (1.19e-7): eps dominates."""
+    normalized = shape[-ndims:]
+    t = nn.RMSNorm(list(normalized), eps=eps, elementwise_affine=affine)
+    randomize_(t)
+    f = fnorms.RMSNorm(normalized, eps=eps, elementwise_affine=affine)
+    copy_params(f, t)
+    x = sample(shape, 11, ndims, loc=0.0, scale=scale)
+    for train in (True, False):
+        set_mode(f, t, train)
+        y_t = t(torch.from_numpy(x)).detach().numpy()
+        assert rel_err(np.asarray(f(jnp.asarray(x))), y_t) <= RTOL
+
+
+def test_rmsnorm_eps_none_is_float32_machine_eps():
+    x = sample((4, 16), 12, loc=0.0, scale=1e-4)
+    y_t = nn.RMSNorm(16)(torch.from_numpy(x)).detach().numpy()
+    y_none = np.asarray(fnorms.RMSNorm(16)(jnp.asarray(x)))
+    y_fp32eps = np.asarray(fnorms.RMSNorm(16, eps=float(np.finfo(np.float32).eps))(jnp.asarray(x)))
+    assert rel_err(y_none, y_t) <= RTOL
+    assert rel_err(y_fp32eps, y_t) <= RTOL
+    for other in (1e-6, 1e-5, 0.0):  # Flax's default, torch LayerNorm's, no eps
+        y_other = np.asarray(fnorms.RMSNorm(16, eps=other)(jnp.asarray(x)))
+        assert rel_err(y_other, y_t) > 1e-2, other
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_rmsnorm_eps_none_bfloat16_uses_bfloat16_eps(affine):
+    """eps=None means finfo(input dtype).eps: 2^-7 = 0.0078 for bfloat16 input. With
+    x ~ 0.05, mean(x^2) ~ 0.0025, so the bf16 eps changes the output by ~2x."""
+    x32 = sample((3, 5, 32), 13, loc=0.0, scale=0.05)
+    t = nn.RMSNorm(32, elementwise_affine=affine)
+    randomize_(t)
+    f = fnorms.RMSNorm(32, elementwise_affine=affine)
+    copy_params(f, t)
+    y_t = t(torch.from_numpy(x32).bfloat16())
+    y_f = f(jnp.asarray(x32, dtype=jnp.bfloat16))
+    assert y_t.dtype == torch.bfloat16 and y_f.dtype == jnp.bfloat16
+    y_t32 = y_t.float().numpy()
+    assert rel_err(np.asarray(y_f, np.float32), y_t32) <= BF16_RTOL
+    # ... and it is not the float32 eps:
+    x_bf16_as_f32 = jnp.asarray(x32, dtype=jnp.bfloat16).astype(jnp.float32)
+    y_f32eps = np.asarray(f(x_bf16_as_f32))
+    assert rel_err(y_f32eps, y_t32) > 0.1
+
+
+@pytest.mark.parametrize("eps", [None, 1e-5], ids=["epsNone", "eps1e-5"])
+@pytest.mark.parametrize("shape", SHAPES_4D, ids=lambda s: "x".join(map(str, s)))
+def test_rmsnorm2d(shape, eps):
+    c = shape[-1]
+    t = torch_ref.RMSNorm2d(c, eps=eps)
+    randomize_(t.norm)
+    f = fnorms.RMSNorm2d(c, eps=eps)
+    copy_params(f.norm, t.norm)
+    x = sample(shape, 14, loc=0.0, scale=1.0)
+    for train in (True, False):
+        set_mode(f, t, train)
+        assert rel_err(np.asarray(f(jnp.asarray(x))), from_nchw(t(to_nchw(x)))) <= RTOL
+
+
+# ------------------------------------------------------------------------------------------
+# make_norm
+
+
+@pytest.mark.parametrize("name", ["bn", "ln", "gn", "in", "rms", "BatchNorm", "group", "layer"])
+def test_make_norm_matches_torch_ref(name):
+    c = 8
+    t = torch_ref.make_norm(name, c, 4)
+    f = fnorms.make_norm(name, c, groups=4)
+    tt = t.norm if isinstance(t, torch_ref.RMSNorm2d) else t
+    ff = f.norm if isinstance(f, fnorms.RMSNorm2d) else f
+    randomize_(tt)
+    copy_params(ff, tt)
+    x = sample((3, 5, 7, c), 15)
+    for train in (True, False):
+        set_mode(f, t, train)
+        with torch.no_grad():
+            y_t = from_nchw(t(to_nchw(x)))
+        assert rel_err(np.asarray(f(jnp.asarray(x))), y_t) <= RTOL, train
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: ValueError naming the bad value
+
+
+def _raises(fn, *fragments: str) -> str:
+    with pytest.raises(ValueError) as info:
+        fn()
+    msg = str(info.value)
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in {msg!r}"
+    return msg
+
+
+@pytest.mark.parametrize(
+    "layer,shape",
+    [
+        (lambda: fnorms.BatchNorm2d(4), (2, 5, 4)),
+        (lambda: fnorms.BatchNorm2d(4), (2, 3, 5, 5, 4)),
+        (lambda: fnorms.InstanceNorm2d(4), (5, 4)),
+        (lambda: fnorms.InstanceNorm2d(4), (1, 2, 3, 5, 4)),
+        (lambda: fnorms.GroupNorm(2, 4), (4,)),
+        (lambda: fnorms.RMSNorm2d(4), (2, 5, 4)),
+    ],
+    ids=["bn-3d", "bn-5d", "in-2d", "in-5d", "gn-1d", "rms2d-3d"],
+)
+def test_wrong_rank_raises(layer, shape):
+    _raises(lambda: layer()(jnp.ones(shape)), str(shape))
+
+
+@pytest.mark.parametrize(
+    "layer,shape,expected",
+    [
+        (lambda: fnorms.BatchNorm2d(4), (2, 5, 5, 3), "4"),
+        (lambda: fnorms.InstanceNorm2d(4), (2, 5, 5, 6), "4"),
+        (lambda: fnorms.GroupNorm(2, 4), (2, 5, 5, 6), "4"),
+        (lambda: fnorms.RMSNorm2d(4), (2, 5, 5, 8), "4"),
+        (lambda: fnorms.LayerNorm((5, 4)), (2, 5, 3), "(5, 4)"),
+        (lambda: fnorms.RMSNorm(4), (2, 5, 3), "(4,)"),
+    ],
+    ids=["bn", "in", "gn", "rms2d", "ln", "rms"],
+)
+def test_wrong_channel_count_raises(layer, shape, expected):
+    msg = _raises(lambda: layer()(jnp.ones(shape)), str(shape))
+    assert expected in msg.replace(str(shape), ""), msg
+
+
+@pytest.mark.parametrize("groups,channels", [(3, 8), (16, 8), (0, 8)])
+def test_groupnorm_groups_must_divide_channels(groups, channels):
+    _raises(lambda: fnorms.GroupNorm(groups, channels), f"num_groups={groups}", str(channels))
+    if groups > 0:  # torch agrees that this is an error
+        with pytest.raises(ValueError):
+            nn.GroupNorm(groups, channels)
+
+
+def test_make_norm_gn_groups_must_divide_channels():
+    _raises(lambda: fnorms.make_norm("gn", 12, groups=8), "groups=8", "12")
+    with pytest.raises(ValueError, match="groups=8"):
+        torch_ref.make_norm("gn", 12, 8)
+
+
+@pytest.mark.parametrize("name", ["batchnrom", "weight", ""])
+def test_make_norm_unknown_name_raises(name):
+    allowed = ", ".join(fnorms.NORMS)
+    _raises(lambda: fnorms.make_norm(name, 8), repr(name), allowed)
+    _raises(lambda: torch_ref.make_norm(name, 8), repr(name), allowed)
+
+
+def test_batchnorm_one_value_per_channel_message_names_shape():
+    f = fnorms.BatchNorm2d(3)
+    f.train()
+    _raises(lambda: f(jnp.ones((1, 1, 1, 3))), "(1, 1, 1, 3)", "1 value per channel")
+
+
+def test_groupnorm_error_lists_valid_group_counts():
+    msg = _raises(lambda: fnorms.GroupNorm(5, 12), "num_groups=5", "num_channels=12")
+    assert str([g for g in range(1, 13) if 12 % g == 0]) in msg

@@ -1,0 +1,264 @@
+"""The PyTorch side of training: the reference that ``flax_resnet.training`` must reproduce.
+
+Plain PyTorch, written the way a PyTorch user would train the seed's ResNets, with every
+choice that ``flax_resnet.training`` makes spelled out so both sides compute the same thing:
+
+* optimizers: ``torch.optim.AdamW`` / ``SGD`` (momentum, Nesterov, coupled weight decay) /
+  ``Adam``; with ``decay_norm_and_bias=False`` the 1-D parameters (norm scales, biases) go to
+  a param group with ``weight_decay=0`` (Flax: an optax ``mask``);
+* schedules: ``torch.optim.lr_scheduler`` objects. ``seed`` / ``multistep`` / ``constant``
+  are stepped **once per epoch** (after the epoch's last batch), ``cosine`` (with linear
+  warmup) and ``onecycle`` **once per batch**, which is what ``flax_resnet.training``'s
+  ``make_schedule`` documents; ``LRSchedule`` does that bookkeeping so ``train_step`` can
+  call ``scheduler.step()`` after every batch;
+* loss: ``nn.CrossEntropyLoss(label_smoothing=ε)`` (mean over the batch);
+* augmentation: the seed's ``Pad(4) + RandomHorizontalFlip + RandomCrop(32)`` given explicit
+  crop offsets and flips (``augment``), then ``ToTensor + Normalize`` (``normalize``), on
+  NCHW batches — so a batch augmented by ``flax_resnet.data.augment_params`` can be replayed
+  here bit for bit.
+
+Functions that need hyper-parameters take a ``cfg``: any object with the attribute names of
+``flax_resnet.training.TrainConfig`` (``optimizer``, ``lr``, ``weight_decay``, ``momentum``,
+``nesterov``, ``decay_norm_and_bias``, ``schedule``, ``epochs``, ``warmup_epochs``,
+``lr_milestones``, ``lr_gamma``, ``label_smoothing``), e.g. the very ``TrainConfig`` the
+Flax side trains with, or a ``types.SimpleNamespace``. This module does not import JAX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import lr_scheduler
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+OPTIMIZERS = ("adamw", "sgd", "adam")
+SCHEDULES = ("seed", "step", "multistep", "cosine", "onecycle", "constant")
+PER_BATCH_SCHEDULES = ("cosine", "onecycle")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def augment(
+    images: torch.Tensor, offsets: Any, flips: Any, pad: int = 4
+) -> torch.Tensor:
+    """Zero-pad by ``pad``, crop back to ``H×W`` at ``offsets``, mirror where ``flips``.
+
+    ``images``: ``(N, C, H, W)``, any dtype (uint8 for the seed's pipeline: padded pixels are
+    0 before normalization, like torchvision's ``Pad(4)`` on a PIL image). ``offsets``:
+    ``(N, 2)`` (row, column) crop corners in ``[0, 2·pad]`` of the padded image; ``flips``:
+    ``(N,)`` booleans. Arrays of any kind (numpy, JAX, torch) are accepted.
+    """
+    n, _, h, w = images.shape
+    offsets = torch.as_tensor(np.array(offsets), dtype=torch.long, device=images.device)
+    flips = torch.as_tensor(np.array(flips), dtype=torch.bool, device=images.device)
+    if pad > 0:
+        images = F.pad(images, (pad, pad, pad, pad))  # (left, right, top, bottom), zeros
+    else:
+        offsets = torch.zeros_like(offsets)
+    # For every sample, the padded-image rows and columns its crop reads. A flipped sample
+    # reads its columns right to left: crop-then-flip in one gather.
+    rows = offsets[:, 0, None] + torch.arange(h, device=images.device)  # (N, H)
+    cols = offsets[:, 1, None] + torch.arange(w, device=images.device)  # (N, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return images[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def normalize(
+    images: torch.Tensor,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> torch.Tensor:
+    """torchvision's ``ToTensor`` + ``Normalize`` on uint8 NCHW: ``(x / 255 - mean) / std``."""
+    x = images.to(torch.float32) / 255.0
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def nhwc_to_nchw(images: Any) -> torch.Tensor:
+    """A channel-last batch (numpy / JAX / torch) as a contiguous NCHW torch tensor."""
+    return torch.as_tensor(np.array(images)).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- optimization
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = True
+) -> list[dict[str, Any]]:
+    """Optimizer param groups: everything decays, or only conv/linear weights (ndim > 1).
+
+    ``decay_norm_and_bias=False`` puts norm scales and biases (the 1-D parameters) in a group
+    with ``weight_decay=0``: ``flax_resnet.training.decay_mask`` as torch param groups.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_norm_and_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` / ``SGD`` / ``Adam`` as ``cfg`` says (betas 0.9/0.999, eps 1e-8).
+
+    The lr is ``cfg.lr``; the scheduler (``make_scheduler``) sets the per-step value.
+    """
+    groups = param_groups(model, float(cfg.weight_decay), bool(cfg.decay_norm_and_bias))
+    lr = float(cfg.lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov)
+        )
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+class LRSchedule:
+    """A ``torch.optim.lr_scheduler`` object plus *when* to step it.
+
+    Call ``step()`` after every batch: per-batch schedules (``cosine``, ``onecycle``) step the
+    torch scheduler every time, per-epoch ones (``seed``, ``multistep``, ``constant``) after
+    the last batch of each epoch — the usual PyTorch loops, and what ``make_schedule`` of
+    ``flax_resnet.training`` computes from the update count.
+    """
+
+    def __init__(
+        self, scheduler: lr_scheduler.LRScheduler, steps_per_epoch: int, per_batch: bool
+    ):
+        self.scheduler = scheduler
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.per_batch = per_batch
+        self.batches = 0
+
+    def step(self) -> None:
+        self.batches += 1
+        if self.per_batch or self.batches % self.steps_per_epoch == 0:
+            self.scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch: int
+) -> LRSchedule:
+    """The learning-rate schedule of ``cfg.schedule`` as torch scheduler objects.
+
+    * ``seed``: ``StepLR(step_size=20, gamma=1/3)`` per epoch (the seed divides by 3 after
+      every 20th epoch);
+    * ``step`` / ``multistep``: ``MultiStepLR(milestones=round(fraction · epochs),
+      gamma=lr_gamma)`` per epoch;
+    * ``constant``: ``LambdaLR(1)``;
+    * ``cosine``: ``LinearLR`` warmup over ``round(warmup_epochs · steps_per_epoch)`` batches
+      (first batch at ``lr / warmup``, the last at ``lr``) then ``CosineAnnealingLR`` to 0 at
+      the end of training, per batch (``SequentialLR``);
+    * ``onecycle``: ``OneCycleLR`` (cosine, ``div_factor=25``, ``final_div_factor=1e4``,
+      rising for ``warmup_epochs``, 30 % when 0) per batch, with ``cycle_momentum=False``:
+      PyTorch's default also cycles the momentum / beta1, which optax's onecycle does not.
+    """
+    spe = int(steps_per_epoch)
+    if spe < 1:
+        raise ValueError("steps_per_epoch must be >= 1")
+    schedule = cfg.schedule
+    epochs = int(cfg.epochs)
+    total = max(1, spe * epochs)
+    if schedule == "constant":
+        return LRSchedule(lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), spe, False)
+    if schedule == "seed":
+        return LRSchedule(lr_scheduler.StepLR(optimizer, step_size=20, gamma=1 / 3), spe, False)
+    if schedule in ("step", "multistep"):
+        milestones = sorted(round(m * epochs) for m in cfg.lr_milestones)
+        sched = lr_scheduler.MultiStepLR(optimizer, milestones, gamma=float(cfg.lr_gamma))
+        return LRSchedule(sched, spe, False)
+    warmup = int(round(float(cfg.warmup_epochs) * spe))
+    if schedule == "cosine":
+        cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+        if warmup == 0:
+            return LRSchedule(cosine, spe, True)
+        # LinearLR's factor at batch i is start + (1 - start) · i / total_iters; with
+        # start = 1/warmup and total_iters = warmup - 1 that is (i + 1) / warmup.
+        warm = lr_scheduler.LinearLR(
+            optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1
+        )
+        sched = lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[warmup])
+        return LRSchedule(sched, spe, True)
+    if schedule == "onecycle":
+        pct = warmup / total if warmup > 0 else 0.3
+        sched = lr_scheduler.OneCycleLR(
+            optimizer, max_lr=float(cfg.lr), total_steps=total, pct_start=pct,
+            anneal_strategy="cos", cycle_momentum=False, div_factor=25.0,
+            final_div_factor=1e4,
+        )
+        return LRSchedule(sched, spe, True)
+    raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+
+
+def make_criterion(cfg: Any) -> nn.CrossEntropyLoss:
+    """Mean cross entropy with ``cfg.label_smoothing`` (target ``(1-ε)·onehot + ε/K``)."""
+    return nn.CrossEntropyLoss(label_smoothing=float(cfg.label_smoothing))
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRSchedule | None,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    criterion: nn.Module | None = None,
+) -> torch.Tensor:
+    """One update on a normalized NCHW batch; returns the (detached) mean loss.
+
+    ``criterion`` defaults to ``nn.CrossEntropyLoss()``. The scheduler, if any, is stepped
+    after the optimizer (``LRSchedule`` decides whether the lr changes at this batch).
+    """
+    criterion = nn.CrossEntropyLoss() if criterion is None else criterion
+    model.train()
+    loss = criterion(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, float]:
+    """Mean cross entropy (no smoothing) and accuracy over normalized NCHW batches."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, labels in batches:
+        logits = model(images)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(1) == labels).sum())
+        count += int(labels.shape[0])
+    return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1), "count": count}
+
+
+__all__ = [
+    "CIFAR10_MEAN", "CIFAR10_STD", "LRSchedule", "OPTIMIZERS", "PER_BATCH_SCHEDULES",
+    "SCHEDULES", "augment", "evaluate", "make_criterion", "make_optimizer", "make_scheduler",
+    "nhwc_to_nchw", "normalize", "param_groups", "train_step",
+]
