@@ -225,8 +225,27 @@ def _sparse_sample(
 
 
 def _draw(sampler: Callable, key: jax.Array, *params, shape: Shape, dtype, **static) -> jax.Array:
-    x = sampler(key, *params, shape=_as_shape(shape), dtype=_compute_dtype(dtype), **static)
+    shape = _as_shape(shape)
+    if sampler in _ELEMENTWISE and not _traced(key, *params):
+        # Eagerly, draw a flat sample of a power-of-two length and cut it to size on the host:
+        # a ResNet has dozens of kernel shapes, and one XLA compile per shape made building a
+        # model take seconds to tens of seconds on CPU. Under a trace, draw the shape directly.
+        n = math.prod(shape)
+        flat = sampler(key, *params, shape=(_bucket(n),), dtype=_compute_dtype(dtype), **static)
+        return jnp.asarray(np.asarray(flat)[:n].reshape(shape).astype(dtype))
+    x = sampler(key, *params, shape=shape, dtype=_compute_dtype(dtype), **static)
     return x.astype(dtype)
+
+
+def _bucket(n: int) -> int:
+    return max(1024, 1 << max(n - 1, 0).bit_length())
+
+
+def _traced(*values) -> bool:
+    return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
+_ELEMENTWISE = (_uniform_sample, _normal_sample, _trunc_normal_sample)
 
 
 def _as_shape(shape: Shape) -> tuple[int, ...]:
