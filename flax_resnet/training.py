@@ -20,7 +20,8 @@ Data parallelism (``parallel``):
 Learning-rate schedules step at **epoch boundaries** for ``seed``, ``step``/``multistep``
 and ``constant`` (the value during epoch ``e`` is the value a PyTorch scheduler stepped once
 per epoch gives in epoch ``e``); ``cosine`` (with linear warmup) and ``onecycle`` change
-every step, like PyTorch's ``OneCycleLR`` or a per-batch stepped cosine.
+every step, like PyTorch's ``OneCycleLR`` or a per-batch stepped cosine (``onecycle`` is
+``OneCycleLR``'s exact formula, update for update).
 """
 
 from __future__ import annotations
@@ -263,8 +264,8 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     milestone epoch ``round(fraction * epochs)``. ``constant``: ``lr``. These three change
     only at epoch boundaries. ``cosine``: linear warmup over ``warmup_epochs`` (the first
     update uses ``lr / warmup_steps``), then cosine to 0 at the last step. ``onecycle``:
-    ``optax.cosine_onecycle_schedule`` with PyTorch ``OneCycleLR``'s defaults (start at
-    ``lr/25``, end at ``lr/25/1e4``), rising for ``warmup_epochs`` (30% when 0).
+    PyTorch ``OneCycleLR`` (cosine, no momentum cycling) with its defaults: from ``lr/25``
+    up to ``lr`` over ``warmup_epochs`` (30% of training when 0), down to ``lr/25/1e4``.
     """
     lr = float(cfg.lr)
     spe = int(steps_per_epoch)
@@ -302,8 +303,24 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
 
         return cosine
     if cfg.schedule == "onecycle":
+        # torch.optim.lr_scheduler.OneCycleLR(anneal_strategy="cos", three_phase=False):
+        # rises from lr/25 to lr until update pct·total - 1, then falls to lr/25/1e4 at update
+        # total - 1. (optax.cosine_onecycle_schedule peaks and ends one update later.)
         pct = warmup / total if warmup > 0 else 0.3
-        return optax.cosine_onecycle_schedule(total, lr, pct_start=pct)
+        initial, final = lr / 25.0, lr / 25.0 / 1e4
+        rise_end = float(pct * total) - 1.0
+        fall_end = float(total - 1)
+
+        def anneal(start: float, end: float, frac: jax.Array) -> jax.Array:
+            return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * frac) + 1.0)
+
+        def onecycle(count: jax.Array) -> jax.Array:
+            t = jnp.asarray(count, jnp.float32)
+            rise = anneal(initial, lr, t / max(rise_end, 1e-9))
+            frac = jnp.clip((t - rise_end) / max(fall_end - rise_end, 1e-9), 0.0, 1.0)
+            return jnp.where(t <= rise_end, rise, anneal(lr, final, frac))
+
+        return onecycle
     raise ValueError(f"unknown schedule {cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}")
 
 

@@ -21,6 +21,7 @@ from flax import nnx
 from harness import (
     GRAD_RTOL,
     NORMS,
+    STATS_RTOL,
     Config,
     blockwise_grads,
     build_flax,
@@ -110,10 +111,7 @@ def test_parity_zero_init_residual(cfg, run_parity):
 INPUT_SIZES = [
     Config(depth=20, norm="bn", hw=(33, 47)),  # the CIFAR nets at odd, non-square 33x47
     Config(depth=32, norm="gn", hw=(32, 32)),  # ... and at their native 32x32
-    Config(depth=18, norm="bn", stem="cifar", hw=(33, 47)),
     Config(depth=18, norm="rms", stem="imagenet", hw=(32, 32)),  # 1x1 maps in the last stage
-    Config(depth=50, norm="ln", stem="imagenet", hw=(64, 64)),
-    Config(depth=20, norm="bn", hw=(17, 8)),  # taller than wide, 1x... after two strides
 ]
 
 
@@ -122,19 +120,17 @@ def test_parity_input_sizes(cfg, run_parity):
     run_parity(cfg).assert_ok()
 
 
-BATCH_ONE = [Config(depth=d, norm=n, batch=1) for d in (18, 20) for n in NORMS]
+BATCH_ONE = [Config(depth=20, norm=n, batch=1) for n in NORMS]
 
 
 @pytest.mark.parametrize("cfg", BATCH_ONE, ids=_ids(BATCH_ONE))
 def test_parity_batch_size_one(cfg, run_parity):
     """Batch size 1 in train mode: fine for every norm, and for BatchNorm too as long as the
-    maps have more than one value (33x47 and 9x12 inputs end at 2x2)."""
+    maps have more than one value (the 9x12 input ends at 3x3)."""
     run_parity(cfg).assert_ok()
 
 
-@pytest.mark.parametrize(
-    "depth,hw", [(18, (32, 32)), (20, (1, 1)), (50, (31, 30))], ids=["18-32x32", "20-1x1", "50-31x30"]
-)
+@pytest.mark.parametrize("depth,hw", [(18, (32, 32)), (20, (1, 1))], ids=["18-32x32", "20-1x1"])
 def test_batchnorm_batch_one_with_1x1_maps_raises_in_train_mode(depth, hw, tmp_path):
     """One value per channel somewhere in the net: PyTorch raises ValueError in train mode,
     and so must Flax; eval mode works in both and agrees."""
@@ -190,9 +186,7 @@ def test_in_channels_other_than_three():
 # the harness itself
 
 
-@pytest.mark.parametrize(
-    "cfg", [Config(depth=18, norm="gn"), Config(depth=20, norm="bn")], ids=lambda c: c.label
-)
+@pytest.mark.parametrize("cfg", [Config(depth=20, norm="bn", shortcut="B")], ids=lambda c: c.label)
 def test_blockwise_gradients_equal_whole_model_autodiff(cfg, tmp_path):
     """The harness differentiates block by block (jitted); ``nnx.value_and_grad`` of the whole
     model must give the same train logits and running stats (same eager ops: bit-exact) and
@@ -221,5 +215,5 @@ def test_parity_detects_a_wrong_running_var_convention(run_parity, monkeypatch):
 
     monkeypatch.setattr(norms.BatchNorm2d, "_update_running_stats", biased)
     result = run_parity(dataclasses.replace(Config(depth=20, norm="bn"), seed=3))
-    assert result.worst_stats > 1e-3
+    assert result.worst_stats > 10 * STATS_RTOL
     assert result.eval_logits <= 1e-4 and result.worst_grad <= GRAD_RTOL
