@@ -401,9 +401,14 @@ class ModelDefs:
 def init_train_state(
     model: nnx.Module, tx: optax.GradientTransformation, seed: int
 ) -> tuple[ModelDefs, TrainState]:
-    """Split ``model`` into graph defs and a fresh ``TrainState`` (host-local arrays)."""
+    """Split ``model`` into graph defs and a fresh ``TrainState`` (host-local arrays).
+
+    The state holds copies: the train step donates its input state, and donating arrays the
+    model still shares would delete the model's weights after the first step.
+    """
     model.train()
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, batch_stats = jax.device_put((params, batch_stats), may_alias=False)
     model.eval()
     eval_graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
     model.train()

@@ -229,7 +229,8 @@ def test_instancenorm2d_defaults_like_torch():
 
 @pytest.mark.parametrize("unbatched", [False, True], ids=["NHWC", "HWC"])
 @pytest.mark.parametrize(
-    "affine,track", [(False, False), (True, True), (True, False), (False, True)],
+    "affine,track",
+    [(False, False), (True, True), (True, False), (False, True)],
     ids=["default", "affine-track", "affine", "track"],
 )
 @pytest.mark.parametrize(
@@ -297,10 +298,14 @@ def test_instancenorm2d_one_spatial_element_raises_like_torch():
 # LayerNorm
 
 
-@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)],
-                         ids=["affine", "nobias", "noaffine"])
 @pytest.mark.parametrize(
-    "shape,ndims", [((4, 9, 7), 1), ((3, 5, 6, 10), 1), ((2, 5, 6, 7), 2), ((3, 4, 11, 13), 2)],
+    "affine,bias",
+    [(True, True), (True, False), (False, False)],
+    ids=["affine", "nobias", "noaffine"],
+)
+@pytest.mark.parametrize(
+    "shape,ndims",
+    [((4, 9, 7), 1), ((3, 5, 6, 10), 1), ((2, 5, 6, 7), 2), ((3, 4, 11, 13), 2)],
     ids=["NLC-1d", "NHWC-1d", "2d", "2d-b"],
 )
 def test_layernorm_layout_agnostic(shape, ndims, affine, bias):
@@ -317,10 +322,14 @@ def test_layernorm_layout_agnostic(shape, ndims, affine, bias):
         assert rel_err(np.asarray(f(jnp.asarray(x))), y_t) <= RTOL
 
 
-@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)],
-                         ids=["affine", "nobias", "noaffine"])
-@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 9, 11, 6), (3, 4, 4, 8)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "affine,bias",
+    [(True, True), (True, False), (False, False)],
+    ids=["affine", "nobias", "noaffine"],
+)
+@pytest.mark.parametrize(
+    "shape", [(2, 5, 7, 3), (1, 9, 11, 6), (3, 4, 4, 8)], ids=lambda s: "x".join(map(str, s))
+)
 def test_layernorm_over_chw(shape, affine, bias):
     """torch LayerNorm([C, H, W]) on NCHW == Flax LayerNorm((H, W, C)) on NHWC with the
     (C, H, W) affine params permuted to (H, W, C)."""
@@ -350,7 +359,8 @@ def test_layernorm_eps_matters():
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("eps", [None, 1e-6, 1e-3], ids=["epsNone", "eps1e-6", "eps1e-3"])
 @pytest.mark.parametrize(
-    "shape,ndims", [((4, 9, 7), 1), ((2, 5, 6, 10), 1), ((3, 5, 6, 7), 2), ((2, 3, 4, 5), 3)],
+    "shape,ndims",
+    [((4, 9, 7), 1), ((2, 5, 6, 10), 1), ((3, 5, 6, 7), 2), ((2, 3, 4, 5), 3)],
     ids=["NLC-1d", "NHWC-1d", "2d", "3d"],
 )
 @pytest.mark.parametrize("scale", [1.0, 1e-4], ids=["unit", "tiny"])

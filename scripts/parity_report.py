@@ -7,12 +7,15 @@ weights go through a file into flax_resnet, and the worst per-tensor relative er
 logits, train logits, BatchNorm running statistics after one step and parameter gradients
 are tabulated against the tests' tolerances.
 
-    python scripts/parity_report.py                      # reduced widths, a few minutes
+    python scripts/parity_report.py                      # reduced widths, ~2-3 min on 2 CPUs
     python scripts/parity_report.py --full-width --out parity.md
     python scripts/parity_report.py --floor --depths 50 152 --norms bn in
 
 ``--floor`` adds PyTorch's own float32-vs-float64 errors on the same configuration: the
-conditioning floor that no float32 implementation can beat.
+conditioning floor that no float32 implementation can beat. At full width a few gradient
+checks exceed 1e-4 for float32 reasons, not bugs: InstanceNorm nets are ill-conditioned
+(the floor column shows it), and with 8-64x more activations a ReLU input within rounding
+of zero becomes likely (see the harness docstring). The exit status is 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -66,12 +69,16 @@ def fmt(err: float, tol: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--full-width", action="store_true",
+        "--full-width",
+        action="store_true",
         help=f"width 1.0 (101/152: {FULL_WIDTH_HEAVY}) instead of the reduced widths",
     )
     parser.add_argument("--out", metavar="FILE", help="also write the Markdown report to FILE")
-    parser.add_argument("--floor", action="store_true",
-                        help="add PyTorch float32-vs-float64 columns (conditioning floor)")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="add PyTorch float32-vs-float64 columns (conditioning floor)",
+    )
     parser.add_argument("--depths", type=int, nargs="+", default=list(harness.DEPTHS))
     parser.add_argument("--norms", nargs="+", default=list(harness.NORMS))
     parser.add_argument("--stems", nargs="+", default=list(harness.STEMS))
@@ -92,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         + ").",
         "",
     ]
-    header = "| depth | block | stem | norm | width | eval logits | train logits | running stats " \
-             "| gradients | worst gradient tensor |"
+    header = (
+        "| depth | block | stem | norm | width | eval logits | train logits | running stats "
+        "| gradients | worst gradient tensor |"
+    )
     rule = "|---:|---|---|---|---:|---:|---:|---:|---:|---|"
     if args.floor:
         header += " floor train | floor stats | floor grads |"
@@ -123,14 +132,13 @@ def main(argv: list[str] | None = None) -> int:
                 f = harness.torch_float32_floor(cfg)
                 row += (
                     f" {f.train_logits:.1e} | {f.worst_stats:.1e} | {f.worst_grad:.1e} |"
-                    if f.stats else f" {f.train_logits:.1e} | – | {f.worst_grad:.1e} |"
+                    if f.stats
+                    else f" {f.train_logits:.1e} | – | {f.worst_grad:.1e} |"
                 )
             row += f" {r.seconds:.1f} |"
             lines.append(row)
             print(row, flush=True)
-    summary = (
-        f"\n{count} configurations, {failed} failing, {time.perf_counter() - start:.0f} s."
-    )
+    summary = f"\n{count} configurations, {failed} failing, {time.perf_counter() - start:.0f} s."
     lines.append(summary)
     print(summary)
     if args.out:
