@@ -322,7 +322,9 @@ class RMSNorm(nnx.Module):
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
         self.dtype = dtype
-        self.scale, _ = _affine_params(self.normalized_shape, elementwise_affine, False, param_dtype)
+        self.scale, _ = _affine_params(
+            self.normalized_shape, elementwise_affine, False, param_dtype
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_trailing("RMSNorm", x, self.normalized_shape)

@@ -7,7 +7,6 @@ seed leaves as comments (the norm, the init recipe of Q4) are arguments here.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +27,10 @@ ARCHS = {
     50: ("bottleneck", (3, 4, 6, 3), _IMAGENET, "imagenet", "B"),
     101: ("bottleneck", (3, 4, 23, 3), _IMAGENET, "imagenet", "B"),
     152: ("bottleneck", (3, 8, 36, 3), _IMAGENET, "imagenet", "B"),
-    **{d: ("basic", ((d - 2) // 6,) * 3, (16, 32, 64), "cifar", "A") for d in (20, 32, 44, 56, 110)},
+    **{
+        d: ("basic", ((d - 2) // 6,) * 3, (16, 32, 64), "cifar", "A")
+        for d in (20, 32, 44, 56, 110)
+    },
 }
 
 
@@ -62,7 +64,9 @@ class BasicBlock(nn.Module):
     def __init__(self, in_channels, out_channels, stride=1, norm="bn", groups=32, shortcut="B"):
         super().__init__()
         self.residual_function = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
+            nn.Conv2d(
+                in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False
+            ),
             make_norm(norm, out_channels, groups),
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
@@ -84,7 +88,9 @@ class BottleNeck(nn.Module):
             nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
             make_norm(norm, out_channels, groups),
             nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, stride=stride, kernel_size=3, padding=1, bias=False),
+            nn.Conv2d(
+                out_channels, out_channels, stride=stride, kernel_size=3, padding=1, bias=False
+            ),
             make_norm(norm, out_channels, groups),
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, expanded, kernel_size=1, bias=False),
@@ -103,7 +109,9 @@ class ResNet(nn.Module):
         self.in_channels = stage_channels[0]
         if stem == "imagenet":
             self.conv1 = nn.Sequential(
-                nn.Conv2d(in_channels, self.in_channels, kernel_size=7, stride=2, padding=3, bias=False),
+                nn.Conv2d(
+                    in_channels, self.in_channels, kernel_size=7, stride=2, padding=3, bias=False
+                ),
                 make_norm(norm, self.in_channels, groups),
                 nn.ReLU(),
                 nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
@@ -115,7 +123,7 @@ class ResNet(nn.Module):
                 nn.ReLU(inplace=True),
             )
         self.stage_names = []
-        for i, (n, out) in enumerate(zip(num_block, stage_channels)):
+        for i, (n, out) in enumerate(zip(num_block, stage_channels, strict=True)):
             name = f"conv{i + 2}_x"
             stride = 1 if i == 0 else 2
             setattr(self, name, self._make_layer(block, out, n, stride, norm, groups, shortcut))
@@ -218,5 +226,6 @@ def create_resnet(depth: int, *, norm: str = "bn", stem: str | None = None, num_
     return model
 
 
-__all__ = ["BasicBlock", "BottleNeck", "ResNet", "RMSNorm2d", "create_resnet", "init_weights",
-           ]
+__all__ = [
+    "BasicBlock", "BottleNeck", "ResNet", "ZeroPadShortcut", "create_resnet", "init_weights",
+]

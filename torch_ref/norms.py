@@ -23,7 +23,9 @@ def canonical_norm(name: str) -> str:
 class RMSNorm2d(nn.Module):
     """The seed's RMSNorm2d: ``nn.RMSNorm`` over channels, via NHWC and back."""
 
-    def __init__(self, num_channels: int, eps: float | None = None, elementwise_affine: bool = True):
+    def __init__(
+        self, num_channels: int, eps: float | None = None, elementwise_affine: bool = True
+    ):
         super().__init__()
         self.norm = nn.RMSNorm(
             normalized_shape=num_channels, eps=eps, elementwise_affine=elementwise_affine
