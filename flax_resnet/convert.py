@@ -302,9 +302,17 @@ def to_torch_state_dict(model: nnx.Module, naming: str = "torch_ref") -> dict[st
     ``naming="torchvision"`` gives a dict that ``torchvision.models.resnetXX()`` accepts with
     ``load_state_dict(strict=True)`` (for a model with torchvision's architecture).
     """
+
+    return {k: _numpy_to_torch(v) for k, v in to_numpy_state_dict(model, naming).items()}
+
+
+def _numpy_to_torch(value: np.ndarray) -> Any:
     import torch
 
-    return {k: torch.from_numpy(v.copy()) for k, v in to_numpy_state_dict(model, naming).items()}
+    if value.dtype == jnp.bfloat16:
+        # torch.from_numpy does not know ml_dtypes' bfloat16: move the bits, then reinterpret.
+        return torch.from_numpy(value.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(value.copy())
 
 
 # --- PyTorch files --------------------------------------------------------------------------

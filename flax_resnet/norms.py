@@ -138,6 +138,11 @@ class BatchNorm2d(nnx.Module):
             mean = self.mean[...]
             var = self.var[...]
         else:
+            if not self.use_running_average and x.shape[0] * x.shape[1] * x.shape[2] < 2:
+                raise ValueError(
+                    f"BatchNorm2d needs more than 1 value per channel when training, got input "
+                    f"shape {tuple(x.shape)}"
+                )
             mean, var = _moments(x, (0, 1, 2))
             if self.track_running_stats and not self.use_running_average:
                 self._update_running_stats(mean.reshape(-1), var.reshape(-1), x)
@@ -145,11 +150,6 @@ class BatchNorm2d(nnx.Module):
 
     def _update_running_stats(self, mean: jax.Array, var: jax.Array, x: jax.Array) -> None:
         n = x.shape[0] * x.shape[1] * x.shape[2]
-        if n < 2:
-            raise ValueError(
-                f"BatchNorm2d needs more than 1 value per channel when training, got input "
-                f"shape {tuple(x.shape)}"
-            )
         count = self.num_batches_tracked[...] + 1
         self.num_batches_tracked[...] = count
         if self.momentum is None:
@@ -239,12 +239,17 @@ class InstanceNorm2d(nnx.Module):
         if self.use_running_average and self.track_running_stats:
             mean, var = self.mean[...], self.var[...]
         else:
+            n = batched.shape[1] * batched.shape[2]
+            if n < 2:
+                raise ValueError(
+                    f"InstanceNorm2d needs more than 1 spatial element when using instance "
+                    f"statistics, got input shape {tuple(x.shape)}"
+                )
             mean, var = _moments(batched, (1, 2))
             if self.track_running_stats:
-                n = batched.shape[1] * batched.shape[2]
-                count = self.num_batches_tracked[...] + 1
-                self.num_batches_tracked[...] = count
-                momentum = 1.0 / count if self.momentum is None else self.momentum
+                # torch's instance_norm passes momentum=None as 0.0 (the running stats stay
+                # put) and never counts batches.
+                momentum = 0.0 if self.momentum is None else self.momentum
                 inst_var = var * (n / max(n - 1, 1))
                 self.mean[...] = (1 - momentum) * self.mean[...] + momentum * mean.mean((0, 1, 2))
                 self.var[...] = (1 - momentum) * self.var[...] + momentum * inst_var.mean((0, 1, 2))
@@ -329,7 +334,9 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_trailing("RMSNorm", x, self.normalized_shape)
         axes = tuple(range(x.ndim - len(self.normalized_shape), x.ndim))
-        eps = float(jnp.finfo(x.dtype).eps) if self.eps is None else self.eps
+        # torch computes half-precision RMSNorm in float32 and takes float32's epsilon.
+        compute = jnp.promote_types(x.dtype, jnp.float32)
+        eps = float(jnp.finfo(compute).eps) if self.eps is None else self.eps
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=axes, keepdims=True) + eps)
         if self.scale is not None:
