@@ -410,6 +410,7 @@ def run(args: argparse.Namespace) -> int:
     from flax_resnet import training as T
     from flax_resnet.checkpoint import Checkpointer
     from flax_resnet.data import DataError, load_dataset
+    from flax_resnet.models import ARCHS
 
     workdir = Path(args.workdir)
     config_path = workdir / "config.json"
@@ -469,7 +470,8 @@ def run(args: argparse.Namespace) -> int:
     say(f"devices: {len(devices)} x {', '.join(kinds)} ({jax.default_backend()}) on "
         f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}, batch {cfg.batch_size} "
         f"= {cfg.batch_size // mesh.devices.size}/device, parallel={cfg.parallel}")
-    say(f"model: ResNet-{cfg.depth} norm={cfg.norm} stem={cfg.stem or 'default'} "
+    stem = cfg.stem or ARCHS[cfg.depth].default_stem
+    say(f"model: ResNet-{cfg.depth} norm={cfg.norm} stem={stem} "
         f"width={cfg.width} dtype={cfg.dtype}: {n_params:,} parameters; data {ds.name}: "
         f"{len(ds.train)} train / {len(ds.test)} test, {ds.num_classes} classes, "
         f"{spe} steps/epoch")
