@@ -95,6 +95,32 @@ def _normalize(
     return y.astype(dtype or x.dtype)
 
 
+def _init_tracked_norm(
+    norm: nnx.Module,
+    num_features: int,
+    eps: float,
+    momentum: float | None,
+    affine: bool,
+    track_running_stats: bool,
+    dtype: Dtype | None,
+    param_dtype: Dtype,
+) -> None:
+    """The state BatchNorm2d and InstanceNorm2d share, named like PyTorch's buffers."""
+    norm.num_features = num_features
+    norm.eps = eps
+    norm.momentum = momentum
+    norm.track_running_stats = track_running_stats
+    norm.dtype = dtype
+    norm.use_running_average = False
+    norm.scale, norm.bias = _affine_params((num_features,), affine, True, param_dtype)
+    if track_running_stats:
+        norm.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        norm.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        norm.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    else:
+        norm.mean = norm.var = norm.num_batches_tracked = None
+
+
 class BatchNorm2d(nnx.Module):
     """``torch.nn.BatchNorm2d`` on NHWC input.
 
@@ -118,19 +144,9 @@ class BatchNorm2d(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs | None = None,
     ):
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.track_running_stats = track_running_stats
-        self.dtype = dtype
-        self.use_running_average = False
-        self.scale, self.bias = _affine_params((num_features,), affine, True, param_dtype)
-        if track_running_stats:
-            self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-            self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
-            self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        else:
-            self.mean = self.var = self.num_batches_tracked = None
+        _init_tracked_norm(
+            self, num_features, eps, momentum, affine, track_running_stats, dtype, param_dtype
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_input("BatchNorm2d", x, (4,), self.num_features)
@@ -219,19 +235,9 @@ class InstanceNorm2d(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs | None = None,
     ):
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.track_running_stats = track_running_stats
-        self.dtype = dtype
-        self.use_running_average = False
-        self.scale, self.bias = _affine_params((num_features,), affine, True, param_dtype)
-        if track_running_stats:
-            self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-            self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
-            self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        else:
-            self.mean = self.var = self.num_batches_tracked = None
+        _init_tracked_norm(
+            self, num_features, eps, momentum, affine, track_running_stats, dtype, param_dtype
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_input("InstanceNorm2d", x, (3, 4), self.num_features)
