@@ -171,20 +171,23 @@ def to_torch_ref_names(state_dict: Mapping[str, Any], naming: str = "auto") -> d
 # --- layouts and variables ------------------------------------------------------------------
 
 
-def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and value.ndim == 4:
-        return value.transpose(3, 2, 0, 1)
-    if leaf == "kernel" and value.ndim == 2:
-        return value.T
+# Kernel axis orders by rank: conv HWIO -> OIHW and dense (in, out) -> (out, in), and back.
+_TO_TORCH_AXES = {4: (3, 2, 0, 1), 2: (1, 0)}
+_TO_FLAX_AXES = {4: (2, 3, 1, 0), 2: (1, 0)}
+
+
+def _relayout(leaf: str, value: np.ndarray, axes: dict[int, tuple[int, ...]]) -> np.ndarray:
+    if leaf == "kernel" and value.ndim in axes:
+        return value.transpose(axes[value.ndim])
     return value
+
+
+def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    return _relayout(leaf, value, _TO_TORCH_AXES)
 
 
 def _to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)
-    if leaf == "kernel" and value.ndim == 2:
-        return value.T
-    return value
+    return _relayout(leaf, value, _TO_FLAX_AXES)
 
 
 def model_variables(

@@ -7,6 +7,8 @@ seed leaves as comments (the norm, the init recipe of Q4) are arguments here.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,46 +150,41 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
+_RELU_GAIN = nn.init.calculate_gain("relu")
+_SHARED_WEIGHT_INIT = {
+    "kaiming_normal": partial(nn.init.kaiming_normal_, nonlinearity="relu"),
+    "kaiming_uniform": partial(nn.init.kaiming_uniform_, nonlinearity="relu"),
+    "xavier_normal": nn.init.xavier_normal_,
+    "xavier_uniform": nn.init.xavier_uniform_,
+}
+# scheme: (conv weight init, linear weight init; None keeps PyTorch's default weight and bias)
+_SCHEMES = {
+    "torch": (None, None),
+    "seed": (
+        partial(nn.init.kaiming_normal_, mode="fan_out", nonlinearity="relu"),
+        partial(nn.init.xavier_uniform_, gain=_RELU_GAIN),
+    ),
+    "torchvision": (partial(nn.init.kaiming_normal_, mode="fan_out", nonlinearity="relu"), None),
+    **{name: (fn, fn) for name, fn in _SHARED_WEIGHT_INIT.items()},
+    "orthogonal": (partial(nn.init.orthogonal_, gain=_RELU_GAIN), nn.init.orthogonal_),
+}
+assert tuple(_SCHEMES) == INIT_SCHEMES
+
+
 def init_weights(model: nn.Module, scheme: str) -> None:
     """Apply an init scheme with ``torch.nn.init`` (``torch`` keeps PyTorch's defaults).
 
     ``seed`` is the Q4 recipe: Kaiming normal fan_out for convs, zero bias, Xavier uniform with
     ReLU gain for the classifier. Norm layers keep ones/zeros in every scheme.
     """
-    if scheme not in INIT_SCHEMES:
+    if scheme not in _SCHEMES:
         raise ValueError(f"unknown init {scheme!r}; allowed: {', '.join(INIT_SCHEMES)}")
-    if scheme == "torch":
-        return
-    relu_gain = nn.init.calculate_gain("relu")
+    conv_init, linear_init = _SCHEMES[scheme]
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            if scheme in ("seed", "torchvision"):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif scheme == "kaiming_normal":
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            elif scheme == "kaiming_uniform":
-                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
-            elif scheme == "xavier_normal":
-                nn.init.xavier_normal_(m.weight)
-            elif scheme == "xavier_uniform":
-                nn.init.xavier_uniform_(m.weight)
-            else:
-                nn.init.orthogonal_(m.weight, gain=relu_gain)
-        elif isinstance(m, nn.Linear):
-            if scheme == "torchvision":
-                continue
-            if scheme == "seed":
-                nn.init.xavier_uniform_(m.weight, gain=relu_gain)
-            elif scheme == "kaiming_normal":
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            elif scheme == "kaiming_uniform":
-                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
-            elif scheme == "xavier_normal":
-                nn.init.xavier_normal_(m.weight)
-            elif scheme == "xavier_uniform":
-                nn.init.xavier_uniform_(m.weight)
-            else:
-                nn.init.orthogonal_(m.weight)
+        if isinstance(m, nn.Conv2d) and conv_init is not None:
+            conv_init(m.weight)
+        elif isinstance(m, nn.Linear) and linear_init is not None:
+            linear_init(m.weight)
             nn.init.zeros_(m.bias)
 
 
