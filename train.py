@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between progress updates (the only host syncs in an epoch)")
     g.add_argument("--checkpoint-every-steps", type=int, default=0,
                    help="also checkpoint every N steps (0: only at the end of each epoch)")
+    g.add_argument("--checkpoint-every-epochs", type=int, default=1,
+                   help="checkpoint after every N-th epoch (0: only after the last); a resumed "
+                   "run restarts from the last checkpoint")
     g.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept")
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate the latest checkpoint of --workdir and exit")
@@ -377,7 +380,8 @@ class EpochProgress:
 
         args = self.args
         step = self.epoch * self.spe + done
-        if done % args.log_every == 0 or done == self.spe:
+        if self.lead and not args.no_progress and (done % args.log_every == 0
+                                                   or done == self.spe):
             m = T.summarize(metrics)  # the one host sync of a logging interval
             now = time.perf_counter()
             ips = (done - self.mark[1]) * self.cfg.batch_size / max(now - self.mark[0], 1e-9)
@@ -421,8 +425,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("log_every", "keep_checkpoints"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    if args.checkpoint_every_steps < 0:
-        raise UsageError(f"--checkpoint-every-steps {args.checkpoint_every_steps} must be >= 0")
+    for name in ("checkpoint_every_steps", "checkpoint_every_epochs"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
 
     lead = jax.process_index() == 0
 
@@ -555,7 +560,9 @@ def run(args: argparse.Namespace) -> int:
         if lead:
             _write_metrics(metrics_path, rows)
             plot_curves(rows, workdir / "curves.png")
-        progress.save(state, (epoch + 1) * spe, epoch + 1, 0, None, progress.elapsed)
+        every = args.checkpoint_every_epochs
+        if epoch + 1 == cfg.epochs or (every and (epoch + 1) % every == 0):
+            progress.save(state, (epoch + 1) * spe, epoch + 1, 0, None, progress.elapsed)
     ckpt.close()
     if stopped:
         return 0

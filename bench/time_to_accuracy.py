@@ -33,6 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME_KEYS = ("elapsed_s", "wall_time_s", "wall_time", "time_s")
+MILESTONES = (0.80, 0.85, 0.88, 0.90, 0.91, 0.92, 0.93, 0.94)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -78,6 +79,12 @@ def summarize(
         "best_test_acc": max(accs) if accs else None,
         "final_test_acc": accs[-1] if accs else None,
         "final_train_elapsed_s": row_time(rows[-1]) if rows else None,
+        # The same clock for lower bars: what a run that misses the target still shows.
+        "milestones": {
+            f"{t:.2f}": (None if (r := first_reaching(rows, t)) is None
+                         else {"epoch": r.get("epoch"), "train_elapsed_s": row_time(r)})
+            for t in MILESTONES
+        },
     }
     if hit is not None:
         out.update(
@@ -110,6 +117,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--train-script", default=str(ROOT / "train.py"))
     p.add_argument("--stop-at-target", action="store_true",
                    help="stop train.py once the target is reached")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="stop the run after S seconds since launch and report what it logged")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between metrics reads")
     p.add_argument("--json", dest="json_path", default=None, help="write the report here")
     args = p.parse_args(argv)
@@ -132,7 +141,7 @@ def run_training(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     seen_at: dict[int, float] = {}
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT)
-    stopped_early = False
+    stopped_early = timed_out = False
     try:
         while True:
             done = proc.poll() is not None
@@ -148,6 +157,15 @@ def run_training(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
                 break
             if done:
                 break
+            if args.time_limit is not None and now > args.time_limit:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                timed_out = True
+                break
             time.sleep(args.poll)
     except BaseException:
         if proc.poll() is None:
@@ -158,7 +176,8 @@ def run_training(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     report = summarize(rows, args.target, seen_at)
     report.update(
         command=cmd, workdir=str(workdir), returncode=proc.returncode,
-        stopped_at_target=stopped_early, total_wall_s=time.monotonic() - t0,
+        stopped_at_target=stopped_early, timed_out=timed_out,
+        total_wall_s=time.monotonic() - t0,
     )
     return report
 
@@ -181,8 +200,14 @@ def main(argv: list[str] | None = None) -> int:
               f"training{wall}")
     else:
         best = report["best_test_acc"]
-        print(f"did not reach {target} in {report['epochs_logged']} epochs (best "
+        cut = " (stopped by --time-limit)" if report.get("timed_out") else ""
+        print(f"did not reach {target} in {report['epochs_logged']} epochs{cut} (best "
               f"{'n/a' if best is None else f'{100 * best:.2f}%'})")
+    reached = {k: v for k, v in report["milestones"].items() if v is not None}
+    if reached:
+        print("first epoch at or above: " + ", ".join(
+            f"{100 * float(k):.0f}% ep {v['epoch']} ({v['train_elapsed_s']:.1f} s)"
+            for k, v in reached.items()))
     return 0 if report["reached"] else 1
 
 

@@ -56,7 +56,7 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def _optimizer(model, cfg, cuda: bool):
+def make_optimizer(model: Any, cfg: Any, cuda: bool) -> Any:
     """``torch_ref.training.make_optimizer``'s optimizer, fused on GPU (best practice)."""
     import torch
 
@@ -121,7 +121,7 @@ def run_job(
     # best layout is its default NCHW (mkldnn convs), so the CPU run keeps that.
     memory_format = torch.channels_last if cuda else torch.contiguous_format
     model = model.to(dev, memory_format=memory_format).train()
-    opt = _optimizer(model, tc, cuda)
+    opt = make_optimizer(model, tc, cuda)
     sched = make_scheduler(opt, tc, steps_per_epoch)
     criterion = make_criterion(tc)
     bf16 = tc.dtype == "bfloat16"

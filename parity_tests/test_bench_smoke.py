@@ -105,3 +105,39 @@ def test_peak_table() -> None:
     assert lookup_peak_tflops("NVIDIA H200", "fp32", False) == 67.0
     assert lookup_peak_tflops("NVIDIA H100 PCIe", "bf16", True) == 756.0
     assert lookup_peak_tflops("cpu", "fp32", True) is None
+
+
+def test_time_to_accuracy_summary() -> None:
+    from bench.time_to_accuracy import summarize
+
+    rows = [{"epoch": 1, "test_acc": 0.86, "elapsed_s": 3.0},
+            {"epoch": 2, "test_acc": 0.905, "elapsed_s": 5.0},
+            {"epoch": 3, "test_acc": 0.899, "elapsed_s": 7.5}]
+    s = summarize(rows, 0.90)
+    assert s["reached"] and s["epoch"] == 2 and s["train_elapsed_s"] == 5.0
+    assert s["best_test_acc"] == 0.905 and s["final_test_acc"] == 0.899
+    assert s["milestones"]["0.85"] == {"epoch": 1, "train_elapsed_s": 3.0}
+    assert s["milestones"]["0.90"] == {"epoch": 2, "train_elapsed_s": 5.0}
+    assert s["milestones"]["0.91"] is None
+    assert not summarize(rows, 0.94)["reached"]
+
+
+def test_torch_time_to_accuracy_runs(tmp_path: Path) -> None:
+    """bench/torch_train.py through bench/time_to_accuracy.py: train.py's metrics contract."""
+    report_path, workdir = tmp_path / "tta.json", tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "bench/time_to_accuracy.py", "--train-script", "bench/torch_train.py",
+         "--dataset", "synthetic:256:64", "--target", "0.999", "--workdir", str(workdir),
+         "--json", str(report_path), "--", "--depth", "18", "--width", "0.125",
+         "--epochs", "2", "--batch-size", "32"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode in (0, 1), proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["elapsed_s"] > rows[0]["elapsed_s"] > 0
+    assert all(0.0 <= r["test_acc"] <= 1.0 and math.isfinite(r["train_loss"]) for r in rows)
+    report = json.loads(report_path.read_text())
+    assert report["epochs_logged"] == 2 and report["returncode"] == 0
+    assert report["reached"] == (proc.returncode == 0)

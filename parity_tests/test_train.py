@@ -301,10 +301,12 @@ def test_conflicting_config_is_refused(reference_run, jax_cache):
 def test_resume_is_bit_exact(reference_run, jax_cache, tmp_path):
     ref_dir, _ = reference_run
     workdir = tmp_path / "resumed"
-    args = [*TINY, "--workdir", str(workdir), "--checkpoint-every-steps", "3"]
+    args = [*TINY, "--workdir", str(workdir), "--checkpoint-every-steps", "3",
+            "--checkpoint-every-epochs", "0"]
     r = _train([*args, "--stop-after-steps", "11"], jax_cache, devices=2)  # "preempted"
     assert "stopped after step 11" in r.stdout
-    assert Checkpointer(workdir / "checkpoints", read_only=True).latest_step() == 9
+    # every 3rd step, but not at the end of epoch 1 (step 8): --checkpoint-every-epochs 0
+    assert Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [3, 6, 9]
     r = _train(args, jax_cache, devices=2)  # the same command again: resumes at step 9
     assert "resumed from step 9" in r.stdout
     ref, got = _final_state(ref_dir), _final_state(workdir)
@@ -438,6 +440,7 @@ def test_batch_not_dividing_over_devices_is_a_clear_error(jax_cache, tmp_path):
     (["--dataset", "synthetic:64:8", "--batch-size", "128"], ["128", "64 training images"]),
     (["--dataset", "folder:/no/such/dir"], ["/no/such/dir"]),
     (["--num-processes", "2"], ["--coordinator"]),
+    (["--checkpoint-every-epochs", "-1"], ["--checkpoint-every-epochs -1", ">= 0"]),
 ])
 def test_bad_flags_exit_2_naming_the_value(argv, needles, tmp_path, capsys):
     import train
