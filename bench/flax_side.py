@@ -22,29 +22,20 @@ from typing import Any
 from bench.configs import BenchConfig
 
 
-def _onepass_moments(x, axes):
-    """E[x^2] - E[x]^2 in float32: both sums in one read of x (one multi-output fusion)."""
-    import jax.numpy as jnp
-
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=axes, keepdims=True)
-    mean_sq = jnp.mean(jnp.square(xf), axis=axes, keepdims=True)
-    return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-
-
 def set_bn_variance(kind: str) -> None:
-    """Swap the moments function of flax_resnet.norms in this process (a bench-only switch;
-    it takes effect for steps traced afterwards)."""
+    """``auto``: the product's moments (one pass for 16-bit activations, two for float32);
+    ``twopass``: two passes for every dtype, the comparison the bench reports. A bench-only
+    switch of this process; it takes effect for steps traced afterwards."""
     from flax_resnet import norms
 
-    if not hasattr(norms, "_bench_twopass_moments"):
-        norms._bench_twopass_moments = norms._moments
-    if kind == "twopass":
-        norms._moments = norms._bench_twopass_moments
-    elif kind == "onepass":
-        norms._moments = _onepass_moments
+    if not hasattr(norms, "_bench_product_moments"):
+        norms._bench_product_moments = norms._moments
+    if kind == "auto":
+        norms._moments = norms._bench_product_moments
+    elif kind == "twopass":
+        norms._moments = norms._moments_two_pass
     else:
-        raise ValueError(f"bn variance must be twopass or onepass, got {kind!r}")
+        raise ValueError(f"bn variance must be auto or twopass, got {kind!r}")
 
 
 def build_step(train_cfg: dict[str, Any], num_classes: int, steps_per_epoch: int):
@@ -124,10 +115,11 @@ def run_job(
     *,
     steps: int,
     warmup: int,
+    min_warmup_s: float = 0.0,
     windows: int,
     tf32: bool,
     steps_per_epoch: int,
-    bn_variance: str = "twopass",
+    bn_variance: str = "auto",
     seed: int = 0,
 ) -> dict[str, Any]:
     import jax
@@ -158,7 +150,7 @@ def run_job(
 
     result = run_protocol(
         one_step, jax.block_until_ready, batch=cfg.batch, steps=steps, warmup=warmup,
-        windows=windows,
+        windows=windows, min_warmup_s=min_warmup_s,
     )
     summary = T.summarize(holder["metrics"])
     result["final_loss"] = summary["loss"]  # mean over every step run

@@ -6,7 +6,7 @@ from typing import Any
 
 FRAMEWORK_LABELS = {
     "flax": "Flax NNX (jit)",
-    "flax_onepass": "Flax NNX, one-pass BN var",
+    "flax_twopass": "Flax NNX, two-pass BN var",
     "torch": "PyTorch eager",
     "torch_compile": "torch.compile",
 }
@@ -68,8 +68,8 @@ def render_markdown(run: dict[str, Any]) -> str:
     lines += [
         "",
         "| config | Flax / eager | Flax / compile | torch.compile / eager |"
-        + (" one-pass / two-pass |" if meta.get("has_onepass") else ""),
-        "|---|---:|---:|---:|" + ("---:|" if meta.get("has_onepass") else ""),
+        + (" Flax / two-pass BN |" if meta.get("has_twopass") else ""),
+        "|---|---:|---:|---:|" + ("---:|" if meta.get("has_twopass") else ""),
     ]
     for entry in run["results"]:
         fws = entry["frameworks"]
@@ -78,8 +78,8 @@ def render_markdown(run: dict[str, Any]) -> str:
             _fmt(ratio(fws, "flax", "torch_compile"), ".2f"),
             _fmt(ratio(fws, "torch_compile", "torch"), ".2f"),
         ]
-        if meta.get("has_onepass"):
-            cells.append(_fmt(ratio(fws, "flax_onepass", "flax"), ".2f"))
+        if meta.get("has_twopass"):
+            cells.append(_fmt(ratio(fws, "flax", "flax_twopass"), ".2f"))
         lines.append(f"| {entry['config']['name']} | " + " | ".join(cells) + " |")
     notes = list(meta["notes"])
     if not meta.get("on_gpu") and meta.get("loadavg_start"):

@@ -1,7 +1,7 @@
 """Training-step throughput of flax_resnet against torch_ref (eager and torch.compile).
 
     python -m bench [--configs all|bf16|fp32|target|cpu|tiny|NAME,...]
-                    [--frameworks flax,torch,torch_compile[,flax_onepass]]
+                    [--frameworks flax,torch,torch_compile[,flax_twopass]]
                     [--steps N] [--warmup N] [--windows N] [--tf32 on|off]
                     [--peak-tflops X] [--json FILE] [--markdown FILE]
 
@@ -40,10 +40,10 @@ from bench.configs import PRESETS, BenchConfig, parse_configs  # noqa: E402
 from bench.report import render_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-FRAMEWORKS = ("flax", "flax_onepass", "torch", "torch_compile")
+FRAMEWORKS = ("flax", "flax_twopass", "torch", "torch_compile")
 # Guessed job lengths (s) for --time-budget before one job of the framework has run.
-DEFAULT_JOB_S = {"flax": 30.0, "flax_onepass": 30.0, "torch": 15.0, "torch_compile": 90.0}
-FAMILY = {"flax": "flax", "flax_onepass": "flax", "torch": "torch", "torch_compile": "torch"}
+DEFAULT_JOB_S = {"flax": 30.0, "flax_twopass": 30.0, "torch": 15.0, "torch_compile": 90.0}
+FAMILY = {"flax": "flax", "flax_twopass": "flax", "torch": "torch", "torch_compile": "torch"}
 
 
 class Worker:
@@ -156,9 +156,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated subset of {', '.join(FRAMEWORKS)}")
     p.add_argument("--only", action="append", default=[], metavar="FRAMEWORK=CONFIGS",
                    help="run FRAMEWORK only on these configs (names/presets), e.g. "
-                        "torch_compile=bf16 or flax_onepass=target; repeatable")
+                        "torch_compile=bf16 or flax_twopass=target; repeatable")
     p.add_argument("--steps", type=int, default=50, help="timed steps per job")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
+    p.add_argument("--min-warmup-s", type=float, default=2.0,
+                   help="keep warming up (in chunks of --warmup steps) for at least this long")
     p.add_argument("--windows", type=int, default=10,
                    help="timed steps are split into this many synchronized windows")
     p.add_argument("--recipe", default="fast",
@@ -363,11 +365,12 @@ def _main(args: argparse.Namespace, worker_env: dict[str, str]) -> dict[str, Any
             "on_gpu": on_gpu,
             "loadavg_start": _loadavg(),
             "steps": args.steps, "warmup": args.warmup, "windows": args.windows,
+            "min_warmup_s": args.min_warmup_s,
             "repeats": args.repeats, "recipe": args.recipe,
             "optimizer": train_config(configs[0], args.recipe, args.optimizer)["optimizer"],
             "tf32": args.tf32, "image_size": args.image_size,
             "frameworks": frameworks, "peak_source": peak_source,
-            "has_onepass": "flax_onepass" in frameworks,
+            "has_twopass": "flax_twopass" in frameworks,
             "args": {k: v for k, v in vars(args).items()},
             "env": env,
         }
@@ -432,7 +435,8 @@ def _run_job(
     job = {
         "framework": fw, "config": cfg.name, "image_size": cfg.image_size,
         "steps": args.steps, "warmup": args.warmup, "windows": args.windows,
-        "tf32": args.tf32 == "on", "seed": args.seed, "train_config": tcfg,
+        "min_warmup_s": args.min_warmup_s, "tf32": args.tf32 == "on", "seed": args.seed,
+        "train_config": tcfg,
         "steps_per_epoch": max(1, 50_000 // cfg.batch),
     }
     t = time.monotonic()

@@ -2,7 +2,10 @@
 
 1. compile: wall time of the first step, synchronized (tracing + compilation + autotuning +
    the step itself; for torch eager, cuDNN's benchmark search and lazy initialization).
-2. warmup: ``warmup`` more steps, then one synchronization.
+2. warmup: ``warmup`` more steps, then one synchronization, repeated until at least
+   ``min_warmup_s`` seconds have passed: GPU clocks, allocator pools and autotuning caches
+   settle over time, not over a step count (the first job of a fresh process otherwise
+   shows slow windows).
 3. timed: ``steps`` steps in ``windows`` equal windows. The device is synchronized only at
    window boundaries (never per step), so queued steps overlap host dispatch with device work
    exactly as in training. Per-step time of a window = window wall time / steps in it; the
@@ -36,6 +39,7 @@ def run_protocol(
     steps: int,
     warmup: int,
     windows: int,
+    min_warmup_s: float = 0.0,
 ) -> dict[str, float]:
     """``step()`` runs one training step and returns something ``sync`` can wait on."""
     windows = max(1, min(windows, steps))
@@ -44,11 +48,19 @@ def run_protocol(
     sync(step())
     compile_s = time.perf_counter() - t0
 
-    out = None
-    for _ in range(warmup):
-        out = step()
-    if out is not None:
-        sync(out)
+    t_warm = time.perf_counter()
+    warmup_steps, chunk = 0, warmup
+    while True:
+        out = None
+        for _ in range(chunk):
+            out = step()
+        warmup_steps += chunk
+        if out is not None:
+            sync(out)
+        warmup_s = time.perf_counter() - t_warm
+        if warmup_s >= min_warmup_s:
+            break
+        chunk = max(warmup, 1)
 
     window_s: list[float] = []
     for _ in range(windows):
@@ -69,5 +81,6 @@ def run_protocol(
         "images_per_s": batch * timed_steps / total,
         "timed_steps": timed_steps,
         "windows": windows,
-        "warmup_steps": warmup,
+        "warmup_steps": warmup_steps,
+        "warmup_s": warmup_s,
     }

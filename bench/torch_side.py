@@ -81,6 +81,7 @@ def run_job(
     compile: bool,
     steps: int,
     warmup: int,
+    min_warmup_s: float = 0.0,
     windows: int,
     tf32: bool,
     steps_per_epoch: int,
@@ -156,7 +157,8 @@ def run_job(
     images = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8)).to(dev)
     labels = torch.from_numpy(rng.integers(0, cfg.num_classes, (cfg.batch,))).to(dev)
 
-    result = run_protocol(step, sync, batch=cfg.batch, steps=steps, warmup=warmup, windows=windows)
+    result = run_protocol(step, sync, batch=cfg.batch, steps=steps, warmup=warmup,
+                          windows=windows, min_warmup_s=min_warmup_s)
     result["final_loss"] = float(step().item())
     if cuda:
         result["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated() - baseline)

@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 
-FAMILIES = {"flax": ("flax", "flax_onepass"), "torch": ("torch", "torch_compile")}
+FAMILIES = {"flax": ("flax", "flax_twopass"), "torch": ("torch", "torch_compile")}
 
 
 def _run(job: dict) -> dict:
@@ -32,6 +32,7 @@ def _run(job: dict) -> dict:
     common = dict(
         steps=job["steps"],
         warmup=job["warmup"],
+        min_warmup_s=job.get("min_warmup_s", 0.0),
         windows=job["windows"],
         tf32=job["tf32"],
         steps_per_epoch=job["steps_per_epoch"],
@@ -39,10 +40,10 @@ def _run(job: dict) -> dict:
     )
     train_cfg = job["train_config"]
     fw = job["framework"]
-    if fw in ("flax", "flax_onepass"):
+    if fw in ("flax", "flax_twopass"):
         from bench.flax_side import run_job
 
-        bn = "onepass" if fw == "flax_onepass" else "twopass"
+        bn = "twopass" if fw == "flax_twopass" else "auto"
         return {"ok": True, "result": run_job(cfg, train_cfg, bn_variance=bn, **common)}
     if fw in ("torch", "torch_compile"):
         from bench.torch_side import run_job

@@ -61,11 +61,40 @@ def _check_input(layer: str, x: jax.Array, ndims: Sequence[int], channels: int |
 
 
 def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Mean and biased variance in float32, two-pass for PyTorch-level accuracy."""
+    """Mean and biased variance in float32.
+
+    float32/float64 input: two passes over ``x`` (mean, then the mean squared deviation),
+    PyTorch's accuracy. 16-bit input (bf16/fp16 compute): one pass, both sums in one
+    multi-output fusion, which saves a read of every activation on the GPU; its float32
+    rounding stays orders of magnitude below the input's own 16-bit rounding.
+    """
+    if jnp.dtype(x.dtype).itemsize < 4:
+        return _moments_one_pass(x, axes)
+    return _moments_two_pass(x, axes)
+
+
+def _moments_two_pass(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
-    return mean, var
+    return mean, jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+
+
+def _moments_one_pass(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Shifted one-pass moments in float32.
+
+    With ``K`` one element of ``x`` per reduced group and ``d = x - K``: ``mean = K + E[d]``
+    and ``var = E[d²] - E[d]²``, exact for any ``K``. Taking ``K`` from the data keeps
+    ``E[d]`` of the order of the spread, so the subtraction does not cancel the way the
+    textbook ``E[x²] - E[x]²`` does for a channel whose mean dwarfs its spread.
+    """
+    xf = x.astype(jnp.float32)
+    first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
+    # var does not depend on K, so holding K constant leaves the gradients exact.
+    shift = jax.lax.stop_gradient(xf[first])
+    d = xf - shift
+    mean_d = jnp.mean(d, axis=axes, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(d), axis=axes, keepdims=True) - jnp.square(mean_d), 0.0)
+    return shift + mean_d, var
 
 
 def _affine_params(

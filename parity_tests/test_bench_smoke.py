@@ -36,7 +36,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--configs", CONFIG, "--image-size", "16",
-         "--frameworks", "flax,torch", "--steps", "2", "--warmup", "1", "--windows", "2",
+         "--frameworks", "flax,flax_twopass,torch", "--steps", "2", "--warmup", "1", "--windows", "2",
          "--json", str(json_path), "--markdown", str(md_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -56,10 +56,12 @@ def test_json_structure(bench_run: tuple[dict, str, str]) -> None:
     assert entry["config"]["image_size"] == 16
     assert entry["flops"]["train_per_image"] == 3 * entry["flops"]["forward_per_image"] > 0
     assert entry["train_config"]["depth"] == 18 and entry["train_config"]["batch_size"] == 8
-    assert set(entry["frameworks"]) == {"flax", "torch"}
+    assert set(entry["frameworks"]) == {"flax", "flax_twopass", "torch"}
+    assert entry["frameworks"]["flax"]["bn_variance"] == "auto"
+    assert entry["frameworks"]["flax_twopass"]["bn_variance"] == "twopass"
 
 
-@pytest.mark.parametrize("framework", ["flax", "torch"])
+@pytest.mark.parametrize("framework", ["flax", "flax_twopass", "torch"])
 def test_positive_numbers(bench_run: tuple[dict, str, str], framework: str) -> None:
     run, _, _ = bench_run
     r = run["results"][0]["frameworks"][framework]
@@ -72,7 +74,7 @@ def test_positive_numbers(bench_run: tuple[dict, str, str], framework: str) -> N
     assert r["timed_steps"] == 2
     assert math.isfinite(r["final_loss"]) and r["final_loss"] > 0
     assert r["mfu"] is None  # CPU without --peak-tflops
-    if framework == "flax":
+    if framework.startswith("flax"):
         assert r["step_source"] == "flax_resnet.training.make_train_step"
         assert r["peak_mem_bytes"] > 0
         assert r["flops_xla_per_step"] > 0
@@ -84,7 +86,7 @@ def test_markdown_table(bench_run: tuple[dict, str, str]) -> None:
     assert "| config | framework | images/s" in md
     assert f"| {CONFIG} | Flax NNX (jit) |" in md
     assert f"| {CONFIG} | PyTorch eager |" in md
-    assert "Flax / eager" in md
+    assert "Flax / eager" in md and "Flax / two-pass BN" in md
 
 
 def test_flop_count_matches_torchvision() -> None:

@@ -155,6 +155,63 @@ def test_batchnorm2d_eval_uses_running_stats_not_batch_stats():
     assert rel_err(y_eval, y_train) > 1e-2
 
 
+def _offset_channels(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Channels whose mean is 1 to 1e3 times their spread: the case that breaks the
+    textbook one-pass variance E[x²] - E[x]² in float32."""
+    c = shape[-1]
+    x = rng(seed).standard_normal(shape) * np.geomspace(0.01, 1.0, c)
+    return (x + np.linspace(-10.0, 10.0, c)).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("axes", [(0, 1, 2), (1, 2)], ids=["batch", "instance"])
+def test_one_pass_moments_of_16bit_input_are_exact_to_float32(dtype, axes):
+    """16-bit inputs take the shifted one-pass moments: against float64 moments of the very
+    same (rounded) values they are as accurate as float32 allows, where the textbook one-pass
+    formula loses every digit; the gradient matches the two-pass one's."""
+    import jax
+
+    x = jnp.asarray(_offset_channels((8, 9, 7, 6), 3), dtype=dtype)
+    x64 = np.asarray(x, dtype=np.float64)
+    mean, var = fnorms._moments(x, axes)
+    ref_mean, ref_var = x64.mean(axis=axes, keepdims=True), x64.var(axis=axes, keepdims=True)
+    # float32 sums of ~500 values: a few ulps (2^-24) of the largest term.
+    assert np.max(np.abs(np.asarray(mean) - ref_mean) / np.abs(ref_mean)) <= 1e-6
+    # (a channel that 16-bit rounding made constant has variance 0 in both)
+    assert np.all(np.abs(np.asarray(var) - ref_var) <= 1e-4 * ref_var + 1e-12)
+    xf = x.astype(jnp.float32)
+    textbook = jnp.mean(xf**2, axis=axes, keepdims=True) - jnp.mean(xf, axis=axes,
+                                                                   keepdims=True) ** 2
+    assert not np.all(np.abs(np.asarray(textbook) - ref_var) <= 1e-2 * ref_var + 1e-12)
+
+    w = jnp.asarray(rng(4).standard_normal(var.shape), jnp.float32)
+
+    def loss(moments):
+        return lambda v: jnp.sum(moments(v, axes)[1] * w) + jnp.sum(moments(v, axes)[0] * w)
+
+    g_one = jax.grad(loss(fnorms._moments_one_pass))(xf)
+    g_two = jax.grad(loss(fnorms._moments))(xf)  # float32 input: two-pass
+    assert rel_err(np.asarray(g_one), np.asarray(g_two)) <= 1e-5
+
+
+def test_batchnorm2d_bfloat16_like_torch_autocast():
+    """bf16 activations (the one-pass path) against PyTorch's BatchNorm2d on the same bf16
+    values: outputs within bf16 rounding, running statistics (float32) within RTOL."""
+    shape = (16, 5, 6, 8)
+    t = nn.BatchNorm2d(shape[-1])
+    randomize_(t)
+    f = fnorms.BatchNorm2d(shape[-1], dtype=jnp.bfloat16)
+    copy_params(f, t)
+    set_mode(f, t, train=True)
+    for step in range(2):
+        xb = jnp.asarray(_offset_channels(shape, 10 + step), dtype=jnp.bfloat16)
+        y_t = from_nchw(t(to_nchw(np.asarray(xb, dtype=np.float32))))
+        y_f = f(xb)
+        assert y_f.dtype == jnp.bfloat16
+        assert rel_err(np.asarray(y_f, dtype=np.float32), y_t) <= BF16_RTOL
+        assert_stats_match(f, t)
+
+
 @pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
 def test_batchnorm2d_one_value_per_channel_raises_in_train_mode(track):
     x = sample((1, 1, 1, 4), 0)
