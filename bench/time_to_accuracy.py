@@ -3,6 +3,11 @@
     python bench/time_to_accuracy.py --dataset folder:data/cifar10-jpeg [--target 0.94]
         [--recipe fast] [--workdir W] [--stop-at-target] [--json FILE] [-- TRAIN.PY ARGS...]
     python bench/time_to_accuracy.py --metrics W/metrics.jsonl [--target 0.94]   # parse only
+    python bench/time_to_accuracy.py --metrics Flax=A.jsonl --metrics PyTorch=B.jsonl  # table
+
+``--train-script bench/torch_train.py`` runs the PyTorch reference with the same recipe and
+the same metrics contract instead of ``train.py``. Several ``--metrics LABEL=FILE`` print a
+Markdown table side by side (the README's).
 
 A thin wrapper over train.py's contract: ``python train.py --recipe R --dataset D --workdir W``
 appends one JSON line per epoch to ``W/metrics.jsonl`` with ``epoch``, ``test_acc`` and the
@@ -97,6 +102,45 @@ def summarize(
     return out
 
 
+def _labelled(spec: str) -> tuple[str, str]:
+    label, sep, path = spec.partition("=")
+    return (label, path) if sep else (Path(spec).stem, spec)
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.2f}%"
+
+
+def _first_cell(rows: list[dict[str, Any]], bar: float) -> str:
+    hit = first_reaching(rows, bar)
+    return "not reached" if hit is None else f"{hit['epoch']} ({row_time(hit):.1f})"
+
+
+def _median_after_first(rows: list[dict[str, Any]], key: str, spec: str) -> str:
+    values = sorted(float(r[key]) for r in rows[1:] if key in r)  # epoch 1 compiles
+    return format(values[len(values) // 2], spec) if values else "—"
+
+
+def compare_markdown(runs: list[tuple[str, list[dict[str, Any]]]], target: float) -> str:
+    """One row per run: accuracy, the first epoch (and its cumulative seconds) at each of a
+    few bars up to ``target``, epoch 1 (compilation included) and the steady epoch time."""
+    bars = [b for b in (0.85, 0.88, 0.90) if b < target] + [target]
+    head = ("| run | epochs | best test acc | final test acc | "
+            + " | ".join(f"first ≥ {100 * b:g}%: epoch (s)" for b in bars)
+            + " | epoch 1 s (incl. compile) | median epoch s | median train img/s |")
+    lines = [head, "|---|---:|---:|---:|" + "---:|" * len(bars) + "---:|---:|---:|"]
+    for label, rows in runs:
+        s = summarize(rows, target)
+        first = f"{rows[0]['epoch_time_s']:.1f}" if rows and "epoch_time_s" in rows[0] else "—"
+        lines.append(
+            f"| {label} | {s['epochs_logged']} | {_pct(s['best_test_acc'])} | "
+            f"{_pct(s['final_test_acc'])} | " + " | ".join(_first_cell(rows, b) for b in bars)
+            + f" | {first} | {_median_after_first(rows, 'epoch_time_s', '.2f')} | "
+            f"{_median_after_first(rows, 'train_images_per_s', ',.0f')} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -108,8 +152,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--target", type=float, default=0.94, help="test accuracy in [0, 1]")
-    p.add_argument("--metrics", default=None,
-                   help="only parse this metrics.jsonl (no training run)")
+    p.add_argument("--metrics", action="append", default=None, metavar="[LABEL=]FILE",
+                   help="only parse this metrics.jsonl (no training run); repeat for a "
+                        "side-by-side Markdown table")
     p.add_argument("--dataset", default=None, help="train.py --dataset (e.g. folder:PATH)")
     p.add_argument("--recipe", default="fast", help="train.py --recipe")
     p.add_argument("--workdir", default=None,
@@ -184,9 +229,15 @@ def run_training(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
+    if args.metrics is not None and len(args.metrics) > 1:
+        print(compare_markdown(
+            [(label, read_rows(Path(path))) for label, path in map(_labelled, args.metrics)],
+            args.target))
+        return 0
     if args.metrics is not None:
-        report = summarize(read_rows(Path(args.metrics)), args.target)
-        report["metrics"] = args.metrics
+        _, path = _labelled(args.metrics[0])
+        report = summarize(read_rows(Path(path)), args.target)
+        report["metrics"] = path
     else:
         report = run_training(args, extra)
     if args.json_path:

@@ -36,7 +36,8 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--configs", CONFIG, "--image-size", "16",
-         "--frameworks", "flax,flax_twopass,torch", "--steps", "2", "--warmup", "1", "--windows", "2",
+         "--frameworks", "flax,flax_twopass,torch", "--steps", "2", "--warmup", "1",
+         "--windows", "2",
          "--json", str(json_path), "--markdown", str(md_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -143,3 +144,32 @@ def test_torch_time_to_accuracy_runs(tmp_path: Path) -> None:
     report = json.loads(report_path.read_text())
     assert report["epochs_logged"] == 2 and report["returncode"] == 0
     assert report["reached"] == (proc.returncode == 0)
+
+
+def test_time_to_accuracy_side_by_side_table(tmp_path: Path) -> None:
+    from bench.time_to_accuracy import main
+
+    rows = {"a": [(0.50, 9.0), (0.86, 0.5), (0.91, 0.5)], "b": [(0.84, 2.0), (0.87, 1.0)]}
+    paths = []
+    for label, accs in rows.items():
+        path = tmp_path / f"{label}.jsonl"
+        elapsed = 0.0
+        lines = []
+        for epoch, (acc, t) in enumerate(accs, start=1):
+            elapsed += t
+            lines.append(json.dumps({"epoch": epoch, "test_acc": acc, "elapsed_s": elapsed,
+                                     "epoch_time_s": t, "train_images_per_s": 100 / t}))
+        path.write_text("\n".join(lines) + "\n")
+        paths += ["--metrics", f"{label.upper()}={path}"]
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*paths, "--target", "0.9"]) == 0
+    table = out.getvalue().splitlines()
+    assert table[0].startswith("| run | epochs | best test acc")
+    assert table[2] == ("| A | 3 | 91.00% | 91.00% | 2 (9.5) | 3 (10.0) | 3 (10.0) | 9.0 "
+                        "| 0.50 | 200 |")
+    assert table[3] == ("| B | 2 | 87.00% | 87.00% | 2 (3.0) | not reached | not reached "
+                        "| 2.0 | 1.00 | 100 |")
