@@ -184,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate the latest checkpoint of --workdir and exit")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="JAX persistent compilation cache: a rerun of the same model, batch "
+                   "and devices loads its compiled steps instead of compiling (~15 s for "
+                   "ResNet-18 on a GPU). Default $JAX_COMPILATION_CACHE_DIR, else "
+                   "~/.cache/flax_resnet/jax; '' disables it")
     g.add_argument("--stop-after-steps", type=int, default=0,
                    help="(testing) exit after this many global steps without saving, as if "
                    "preempted; 0 disables")
@@ -406,6 +411,17 @@ class EpochProgress:
         self.bar.close()
 
 
+def compilation_cache_dir(flag: str | None) -> str | None:
+    """The persistent compilation cache directory: the flag, else JAX's own environment
+    variable, else one under the user's cache folder; ``''`` disables it."""
+    if flag is not None:
+        return flag or None
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "flax_resnet", "jax")
+
+
 def run(args: argparse.Namespace) -> int:
     init_distributed(args)
 
@@ -428,6 +444,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("checkpoint_every_steps", "checkpoint_every_epochs"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
+    # Set only once the command line is known to be good: it is process-wide JAX state.
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(args.compilation_cache))
 
     lead = jax.process_index() == 0
 

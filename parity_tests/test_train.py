@@ -524,3 +524,15 @@ def test_tfds_cli_mocked_without_tensorflow(jax_cache, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "64 train / 64 test, 10 classes" in r.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 1
+
+
+def test_compilation_cache_dir_flag_env_default(monkeypatch, tmp_path):
+    import train
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/from/env")
+    assert train.compilation_cache_dir("/from/flag") == "/from/flag"
+    assert train.compilation_cache_dir("") is None  # disabled
+    assert train.compilation_cache_dir(None) == "/from/env"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert train.compilation_cache_dir(None) == str(tmp_path / "flax_resnet" / "jax")
