@@ -39,6 +39,7 @@ def render_markdown(run: dict[str, Any]) -> str:
         f"{meta['date']} · {versions} · "
         f"recipe {meta['recipe']} ({meta['optimizer']}) · TF32 {meta['tf32']} · "
         f"{meta['steps']} timed steps in {meta['windows']} windows after {meta['warmup']} warmup"
+        + (f" steps (at least {meta['min_warmup_s']:g} s)" if meta.get("min_warmup_s") else "")
         + (f", best of {meta['repeats']} rounds" if meta.get("repeats", 1) > 1 else ""),
         "",
         "| config | framework | images/s | step ms median (p10–p90) | compile s | "
