@@ -19,10 +19,12 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 PAD = 4
 
 
-def normalize_coeffs() -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalize_coeffs(
+    mean: tuple[float, ...] = CIFAR_MEAN, std: tuple[float, ...] = CIFAR_STD
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(scale, shift) with ``x_u8 * scale + shift == (x/255 - mean) / std``."""
-    scale = tuple(1.0 / (255.0 * s) for s in CIFAR_STD)
-    shift = tuple(-m / s for m, s in zip(CIFAR_MEAN, CIFAR_STD, strict=True))
+    scale = tuple(1.0 / (255.0 * s) for s in std)
+    shift = tuple(-m / s for m, s in zip(mean, std, strict=True))
     return scale, shift
 
 

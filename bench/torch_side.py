@@ -74,6 +74,28 @@ def make_optimizer(model: Any, cfg: Any, cuda: bool) -> Any:
     return cls(groups, betas=(0.9, 0.999), eps=1e-8, **kw)
 
 
+def make_forward_loss(model: Any, criterion: Any, mean: Any, std: Any, *, bf16: bool,
+                      compile: bool = False) -> Any:
+    """``f(images_u8_nhwc, labels) -> (logits, loss)``: on-device augmentation, the model in
+    its memory format under bf16 autocast when ``bf16``, the loss in float32; optionally
+    ``torch.compile``d. The PyTorch step of both the benchmark and ``bench/torch_train.py``."""
+    import torch
+
+    from bench.augment import normalize_coeffs, torch_augment
+
+    dev = next(model.parameters()).device
+    memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+    scale, shift = (torch.tensor(v, device=dev) for v in normalize_coeffs(mean, std))
+
+    def forward_loss(images_u8, labels):
+        x = torch_augment(images_u8, scale, shift).contiguous(memory_format=memory_format)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        return logits, criterion(logits.float(), labels)
+
+    return torch.compile(forward_loss, dynamic=False) if compile else forward_loss
+
+
 def run_job(
     cfg: BenchConfig,
     train_cfg: dict[str, Any],
@@ -94,7 +116,7 @@ def run_job(
     import torch
 
     import torch_ref
-    from bench.augment import normalize_coeffs, torch_augment
+    from bench.augment import CIFAR_MEAN, CIFAR_STD
     from bench.timing import run_protocol
     from torch_ref.training import make_criterion, make_scheduler
 
@@ -129,19 +151,11 @@ def run_job(
     if bf16 and not cuda:
         raise RuntimeError("bf16 torch runs need a GPU here (CPU autocast is not benchmarked)")
 
-    scale_t, shift_t = (torch.tensor(v, device=dev) for v in normalize_coeffs())
-
-    def fwd_loss(images_u8, labels):
-        x = torch_augment(images_u8, scale_t, shift_t).contiguous(memory_format=memory_format)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        return criterion(logits.float(), labels)
-
-    if compile:
-        fwd_loss = torch.compile(fwd_loss, dynamic=False)
+    forward_loss = make_forward_loss(model, criterion, CIFAR_MEAN, CIFAR_STD, bf16=bf16,
+                                     compile=compile)
 
     def step():
-        loss = fwd_loss(images, labels)
+        _, loss = forward_loss(images, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import torch_ref
-    from bench.augment import torch_augment
-    from bench.torch_side import make_optimizer, set_tf32
+    from bench.augment import normalize_coeffs
+    from bench.torch_side import make_forward_loss, make_optimizer, set_tf32
     from flax_resnet import data as data_lib
     from flax_resnet import training as T
     from torch_ref.training import make_criterion, make_scheduler
@@ -89,26 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     sched = make_scheduler(opt, cfg, spe)
     criterion = make_criterion(cfg)
 
-    scale = torch.tensor([1.0 / (255.0 * s) for s in ds.std], device=dev)
-    shift = torch.tensor([-m / s for m, s in zip(ds.mean, ds.std, strict=True)], device=dev)
+    scale, shift = (torch.tensor(v, device=dev) for v in normalize_coeffs(ds.mean, ds.std))
     train_x = torch.from_numpy(ds.train.images).to(dev)
     train_y = torch.from_numpy(ds.train.labels.astype(np.int64)).to(dev)
     test_x = torch.from_numpy(ds.test.images).to(dev)
     test_y = torch.from_numpy(ds.test.labels.astype(np.int64)).to(dev)
 
-    def train_logits_loss(images_u8, labels):
-        x = torch_augment(images_u8, scale, shift).contiguous(memory_format=memory_format)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        return logits, criterion(logits.float(), labels)
+    train_logits_loss = make_forward_loss(model, criterion, ds.mean, ds.std, bf16=bf16,
+                                          compile=args.compile)
 
     def test_logits(images_u8):
         x = (images_u8.float() * scale + shift).permute(0, 3, 1, 2)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             return model(x.contiguous(memory_format=memory_format))
-
-    if args.compile:
-        train_logits_loss = torch.compile(train_logits_loss, dynamic=False)
 
     def sync() -> None:
         if cuda:
