@@ -30,6 +30,7 @@ def ratio(results: dict[str, Any], num: str, den: str) -> float | None:
 def render_markdown(run: dict[str, Any]) -> str:
     meta = run["meta"]
     rounds = meta.get("repeats", 1) > 1
+    twopass = "flax_twopass" in meta.get("frameworks", ())
     versions = " · ".join(
         f"{k} {meta[k]}" for k in ("jax", "flax", "torch", "cuda", "cudnn") if meta.get(k)
     )
@@ -69,8 +70,8 @@ def render_markdown(run: dict[str, Any]) -> str:
     lines += [
         "",
         "| config | Flax / eager | Flax / compile | torch.compile / eager |"
-        + (" Flax / two-pass BN |" if meta.get("has_twopass") else ""),
-        "|---|---:|---:|---:|" + ("---:|" if meta.get("has_twopass") else ""),
+        + (" Flax / two-pass BN |" if twopass else ""),
+        "|---|---:|---:|---:|" + ("---:|" if twopass else ""),
     ]
     for entry in run["results"]:
         fws = entry["frameworks"]
@@ -79,7 +80,7 @@ def render_markdown(run: dict[str, Any]) -> str:
             _fmt(ratio(fws, "flax", "torch_compile"), ".2f"),
             _fmt(ratio(fws, "torch_compile", "torch"), ".2f"),
         ]
-        if meta.get("has_twopass"):
+        if twopass:
             cells.append(_fmt(ratio(fws, "flax", "flax_twopass"), ".2f"))
         lines.append(f"| {entry['config']['name']} | " + " | ".join(cells) + " |")
     notes = list(meta["notes"])

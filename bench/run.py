@@ -370,7 +370,6 @@ def _main(args: argparse.Namespace, worker_env: dict[str, str]) -> dict[str, Any
             "optimizer": train_config(configs[0], args.recipe, args.optimizer)["optimizer"],
             "tf32": args.tf32, "image_size": args.image_size,
             "frameworks": frameworks, "peak_source": peak_source,
-            "has_twopass": "flax_twopass" in frameworks,
             "args": {k: v for k, v in vars(args).items()},
             "env": env,
         }
