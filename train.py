@@ -37,7 +37,7 @@ from typing import Any
 EXIT_USAGE = 2
 # Fields a resumed run may change (anything else that differs from the stored config.json
 # is a conflict): extending training, or switching the data-parallel mode.
-RESUMABLE_FIELDS = frozenset({"epochs", "parallel"})
+RESUMABLE_FIELDS = frozenset({"epochs", "parallel", "eval_flip"})
 
 
 class UsageError(Exception):
@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"zero padding before the random crop; {d('augment_pad')}")
     g.add_argument("--seed", type=int, default=None,
                    help=f"init, data order and augmentation seed; {d('seed')}")
+    g.add_argument("--eval-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also report test accuracy with flip test-time augmentation (mean "
+                   f"logits of image and mirror) as test_acc_flip; {d('eval_flip')}")
     g = p.add_argument_group("parallelism")
     g.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
                    help="jit: global (SyncBN) statistics over the sharded batch; pmap: "
@@ -200,7 +203,7 @@ CONFIG_FLAGS = (
     "zero_init_residual", "dtype", "optimizer", "lr", "weight_decay", "momentum", "nesterov",
     "decay_norm_and_bias", "batch_size", "epochs", "schedule", "warmup_epochs",
     "lr_milestones", "lr_gamma", "label_smoothing", "augment", "augment_pad", "seed",
-    "parallel",
+    "parallel", "eval_flip",
 )
 
 
@@ -411,6 +414,10 @@ class EpochProgress:
         self.bar.close()
 
 
+def _flip_note(result: dict[str, float]) -> str:
+    return f" (flip TTA {100 * result['acc_flip']:.2f}%)" if "acc_flip" in result else ""
+
+
 def compilation_cache_dir(flag: str | None) -> str | None:
     """The persistent compilation cache directory: the flag, else JAX's own environment
     variable, else one under the user's cache folder; ``''`` disables it."""
@@ -519,11 +526,14 @@ def run(args: argparse.Namespace) -> int:
 
     eval_step = T.make_eval_step(defs.eval, cfg, ds.mean, ds.std, mesh)
     if args.eval_only:
-        result = T.evaluate(eval_step, state, ds.test, eval_batch, mesh)
+        result = T.evaluate(eval_step, state, ds.test, eval_batch, mesh, cfg.eval_flip)
         out = {"step": latest, "epoch": meta.get("epoch"), "test_loss": result["loss"],
                "test_acc": result["acc"], "test_count": result["count"]}
+        if cfg.eval_flip:
+            out["test_acc_flip"] = result["acc_flip"]
         say(f"eval of step {latest}: test loss {result['loss']:.4f}, "
-            f"test acc {100 * result['acc']:.2f}% ({result['count']} images)")
+            f"test acc {100 * result['acc']:.2f}%{_flip_note(result)} "
+            f"({result['count']} images)")
         if lead:
             _write_json(workdir / "eval.json", out)
         ckpt.close()
@@ -558,21 +568,22 @@ def run(args: argparse.Namespace) -> int:
             break
         train = T.summarize(metrics)
         train_time = time.perf_counter() - progress.t_epoch
-        test = T.evaluate(eval_step, state, ds.test, eval_batch, mesh)
+        test = T.evaluate(eval_step, state, ds.test, eval_batch, mesh, cfg.eval_flip)
         epoch_time = time.perf_counter() - progress.t_epoch
         progress.elapsed += epoch_time
         progress.finish(train, test)
         row = {
             "epoch": epoch + 1, "step": (epoch + 1) * spe,
             "train_loss": train["loss"], "train_acc": train["acc"],
-            "test_loss": test["loss"], "test_acc": test["acc"], "lr": lr,
+            "test_loss": test["loss"], "test_acc": test["acc"],
+            **({"test_acc_flip": test["acc_flip"]} if cfg.eval_flip else {}), "lr": lr,
             "epoch_time_s": epoch_time,
             "train_images_per_s": (spe - first) * cfg.batch_size / max(train_time, 1e-9),
             "elapsed_s": progress.elapsed,
         }
         say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train['loss']:.4f} acc "
             f"{100 * train['acc']:.2f}% | test loss {test['loss']:.4f} acc "
-            f"{100 * test['acc']:.2f}% | lr {lr:.3g} | {epoch_time:.1f}s "
+            f"{100 * test['acc']:.2f}%{_flip_note(test)} | lr {lr:.3g} | {epoch_time:.1f}s "
             f"({row['train_images_per_s']:,.0f} img/s)")
         rows.append(row)
         if lead:
@@ -586,9 +597,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if lead and rows:
         last = rows[-1]
+        flip = {}
+        if all("test_acc_flip" in r for r in rows):
+            flip = {"final_test_acc_flip": last["test_acc_flip"],
+                    "best_test_acc_flip": max(r["test_acc_flip"] for r in rows)}
         _write_json(workdir / "summary.json", {
             "final_test_acc": last["test_acc"], "final_test_loss": last["test_loss"],
-            "best_test_acc": max(r["test_acc"] for r in rows),
+            "best_test_acc": max(r["test_acc"] for r in rows), **flip,
             "final_train_acc": last["train_acc"], "epochs": last["epoch"],
             "global_step": last["step"], "parameters": n_params,
             "wall_time_s": last["elapsed_s"],
@@ -596,7 +611,10 @@ def run(args: argparse.Namespace) -> int:
             "processes": jax.process_count(), "config": cfg.to_dict(),
         })
         say(f"final test accuracy {100 * last['test_acc']:.2f}% "
-            f"(best {100 * max(r['test_acc'] for r in rows):.2f}%); wrote {workdir}/summary.json")
+            f"(best {100 * max(r['test_acc'] for r in rows):.2f}%)"
+            + (f", with flip TTA {100 * flip['final_test_acc_flip']:.2f}% (best "
+               f"{100 * flip['best_test_acc_flip']:.2f}%)" if flip else "")
+            + f"; wrote {workdir}/summary.json")
     return 0
 
 

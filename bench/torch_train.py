@@ -21,7 +21,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,9 +41,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--eval-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation, as train.py (default: the recipe's)")
     p.add_argument("--eval-batch-size", type=int, default=1000)
     p.add_argument("--no-progress", action="store_true", help="accepted for train.py parity")
     return p.parse_args(argv)
+
+
+def make_test_logits(model: Any, mean: Any, std: Any, device: Any, bf16: bool,
+                     memory_format: Any) -> Callable[[Any], Any]:
+    """uint8 NHWC test images -> the model's logits (eval mode is the caller's)."""
+    import torch
+
+    from bench.augment import normalize_coeffs
+
+    scale, shift = (torch.tensor(v, device=device) for v in normalize_coeffs(mean, std))
+
+    def test_logits(images_u8: Any) -> Any:
+        x = (images_u8.float() * scale + shift).permute(0, 3, 1, 2)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model(x.contiguous(memory_format=memory_format))
+
+    return test_logits
+
+
+def evaluate(test_logits: Callable[[Any], Any], images: Any, labels: Any, batch_size: int,
+             flip: bool) -> dict[str, float]:
+    """Summed cross entropy and correct counts over uint8 NHWC ``images``; with ``flip`` also
+    ``correct_flip`` from the mean logits of each image and its mirror (as ``train.py``'s
+    ``--eval-flip``). One host sync, at the end."""
+    import torch
+
+    zero = torch.zeros((), device=images.device)
+    loss_sum, correct, correct_flip = zero.clone(), zero.clone().long(), zero.clone().long()
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            batch, y = images[s : s + batch_size], labels[s : s + batch_size]
+            logits = test_logits(batch).float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            if flip:  # NHWC: dim 2 is the width
+                both = logits + test_logits(batch.flip(2)).float()
+                correct_flip += (both.argmax(1) == y).sum()
+    out = {"loss_sum": float(loss_sum), "correct": int(correct)}
+    if flip:
+        out["correct_flip"] = int(correct_flip)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import torch_ref
-    from bench.augment import normalize_coeffs
     from bench.torch_side import make_forward_loss, make_optimizer, set_tf32
     from flax_resnet import data as data_lib
     from flax_resnet import training as T
@@ -62,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = T.make_config(
             args.recipe, dataset=args.dataset, dtype=args.dtype, epochs=args.epochs,
             depth=args.depth, width=args.width, batch_size=args.batch_size, seed=args.seed,
+            eval_flip=args.eval_flip,
         )
     except ValueError as e:
         print(f"torch_train: error: {e}", file=sys.stderr)
@@ -89,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     sched = make_scheduler(opt, cfg, spe)
     criterion = make_criterion(cfg)
 
-    scale, shift = (torch.tensor(v, device=dev) for v in normalize_coeffs(ds.mean, ds.std))
     train_x = torch.from_numpy(ds.train.images).to(dev)
     train_y = torch.from_numpy(ds.train.labels.astype(np.int64)).to(dev)
     test_x = torch.from_numpy(ds.test.images).to(dev)
@@ -98,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     train_logits_loss = make_forward_loss(model, criterion, ds.mean, ds.std, bf16=bf16,
                                           compile=args.compile)
 
-    def test_logits(images_u8):
-        x = (images_u8.float() * scale + shift).permute(0, 3, 1, 2)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            return model(x.contiguous(memory_format=memory_format))
+    test_logits = make_test_logits(model, ds.mean, ds.std, dev, bf16, memory_format)
 
     def sync() -> None:
         if cuda:
@@ -139,21 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         train_time = time.perf_counter() - t0
         model.eval()
-        test_correct = torch.zeros((), dtype=torch.int64, device=dev)
-        test_loss = torch.zeros((), device=dev)
-        with torch.no_grad():
-            for s in range(0, len(ds.test), args.eval_batch_size):
-                logits = test_logits(test_x[s : s + args.eval_batch_size]).float()
-                y = test_y[s : s + args.eval_batch_size]
-                test_loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-                test_correct += (logits.argmax(1) == y).sum()
+        test = evaluate(test_logits, test_x, test_y, args.eval_batch_size, cfg.eval_flip)
         n_train, n_test = spe * cfg.batch_size, len(ds.test)
         row = {
             "epoch": epoch + 1, "step": (epoch + 1) * spe,
             "train_loss": float(loss_sum) / n_train, "train_acc": int(correct) / n_train,
-            "test_loss": float(test_loss) / n_test, "test_acc": int(test_correct) / n_test,
+            "test_loss": test["loss_sum"] / n_test, "test_acc": test["correct"] / n_test,
             "lr": lr,
         }
+        if cfg.eval_flip:
+            row["test_acc_flip"] = test["correct_flip"] / n_test
         epoch_time = time.perf_counter() - t0
         elapsed += epoch_time
         row.update(epoch_time_s=epoch_time, train_images_per_s=n_train / train_time,
@@ -162,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(row) + "\n")
         print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc "
               f"{100 * row['train_acc']:.2f}% | test loss {row['test_loss']:.4f} acc "
-              f"{100 * row['test_acc']:.2f}% | lr {lr:.3g} | {epoch_time:.1f}s "
+              f"{100 * row['test_acc']:.2f}%"
+              + (f" (flip TTA {100 * row['test_acc_flip']:.2f}%)" if cfg.eval_flip else "")
+              + f" | lr {lr:.3g} | {epoch_time:.1f}s "
               f"({row['train_images_per_s']:,.0f} img/s)", flush=True)
     return 0
 

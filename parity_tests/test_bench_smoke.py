@@ -10,6 +10,7 @@ compile takes minutes on a small CPU box); its code path is the eager one plus o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,6 +125,10 @@ def test_time_to_accuracy_summary() -> None:
     assert s["milestones"]["0.90"] == {"epoch": 2, "train_elapsed_s": 5.0}
     assert s["milestones"]["0.91"] is None
     assert not summarize(rows, 0.94)["reached"]
+    flip = [dict(r, test_acc_flip=r["test_acc"] + 0.04) for r in rows]
+    s = summarize(flip, 0.94, metric="test_acc_flip")
+    assert s["metric"] == "test_acc_flip" and s["reached"] and s["epoch"] == 2
+    assert s["best_test_acc"] == pytest.approx(0.945)
 
 
 def test_torch_time_to_accuracy_runs(tmp_path: Path) -> None:
@@ -141,6 +147,7 @@ def test_torch_time_to_accuracy_runs(tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[1]["elapsed_s"] > rows[0]["elapsed_s"] > 0
     assert all(0.0 <= r["test_acc"] <= 1.0 and math.isfinite(r["train_loss"]) for r in rows)
+    assert all(0.0 <= r["test_acc_flip"] <= 1.0 for r in rows)  # the fast recipe's eval_flip
     report = json.loads(report_path.read_text())
     assert report["epochs_logged"] == 2 and report["returncode"] == 0
     assert report["reached"] == (proc.returncode == 0)
@@ -173,3 +180,60 @@ def test_time_to_accuracy_side_by_side_table(tmp_path: Path) -> None:
                         "| 0.50 | 200 |")
     assert table[3] == ("| B | 2 | 87.00% | 87.00% | 2 (3.0) | not reached | not reached "
                         "| 2.0 | 1.00 | 100 |")
+
+
+def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() -> None:
+    """``--eval-flip``: train.py's eval step and bench/torch_train.py's evaluate score the
+    argmax of logits(image) + logits(mirror image) on the same converted weights.
+
+    The labels are set to the flip-averaged predictions of a direct Flax computation, so the
+    flip count must be all 70 images, and to differ from the plain predictions on at least
+    one image, so the plain count must not be (a flip along the height, or no flip, fails).
+    70 images in batches of 32 also exercise the padded last batch.
+    """
+    import jax
+    import torch
+    from harness import randomize_norms_
+
+    import torch_ref
+    from bench.torch_train import evaluate as torch_evaluate
+    from bench.torch_train import make_test_logits
+    from flax_resnet import training as T
+    from flax_resnet.convert import load_torch_state_dict
+    from flax_resnet.data import normalize, synthetic_dataset
+
+    cfg = T.make_config("fast", dataset="synthetic:64:70", depth=20, width=0.25, batch_size=32,
+                        eval_flip=True, zero_init_residual=False)
+    ds = synthetic_dataset(64, 70)
+    tmodel = torch_ref.create_resnet(20, norm="bn", stem=cfg.stem, num_classes=10, width=0.25,
+                                     init=cfg.init)
+    randomize_norms_(tmodel, seed=3)
+    tmodel.eval()
+    test_logits = make_test_logits(tmodel, ds.mean, ds.std, torch.device("cpu"), False,
+                                   torch.contiguous_format)
+    with torch.no_grad():  # centre the logits: untrained, one class would win everywhere
+        tmodel.fc.bias -= test_logits(torch.from_numpy(ds.test.images)).mean(0)
+    model = T.create_model(cfg, 10)
+    load_torch_state_dict(model, tmodel.state_dict())
+
+    model.eval()
+    x = normalize(ds.test.images, ds.mean, ds.std, jax.numpy.float32)
+    plain = np.asarray(model(x))
+    mirrored = np.asarray(model(x[:, :, ::-1]))
+    labels = np.argmax(plain + mirrored, -1).astype(np.int32)
+    n_plain = int(np.sum(np.argmax(plain, -1) == labels))
+    assert n_plain < 70, "the mirror changes no prediction: the test cannot tell flip from none"
+    test = dataclasses.replace(ds.test, labels=labels)
+
+    mesh = T.make_mesh(jax.devices()[:1])
+    defs, state = T.init_train_state(model, T.make_optimizer(cfg, 2), 0)
+    eval_step = T.make_eval_step(defs.eval, cfg, ds.mean, ds.std, mesh)
+    flax = T.evaluate(eval_step, state, test, 32, mesh, flip=True)
+    assert flax["count"] == 70 and flax["acc_flip"] == 1.0
+    assert flax["acc"] == n_plain / 70
+
+    ref = torch_evaluate(test_logits, torch.from_numpy(test.images),
+                         torch.from_numpy(labels.astype(np.int64)), 32, flip=True)
+    assert ref["correct_flip"] == 70 and ref["correct"] == n_plain
+    # float32 cross entropy summed over 70 images, two conv stacks' rounding apart
+    assert ref["loss_sum"] / 70 == pytest.approx(flax["loss"], rel=1e-5)

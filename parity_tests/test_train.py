@@ -83,8 +83,8 @@ def _metrics(workdir: Path) -> list[dict]:
 def reference_run(tmp_path_factory, jax_cache) -> tuple[Path, subprocess.CompletedProcess]:
     """TINY in one process over 2 CPU devices (batch sharded; the 2-process run's twin)."""
     workdir = tmp_path_factory.mktemp("ref") / "run"
-    r = _train([*TINY, "--workdir", str(workdir), "--keep-checkpoints", "2"], jax_cache,
-               devices=2)
+    r = _train([*TINY, "--workdir", str(workdir), "--keep-checkpoints", "2", "--eval-flip"],
+               jax_cache, devices=2)
     return workdir, r
 
 
@@ -265,11 +265,14 @@ def test_cli_end_to_end_synthetic(reference_run):
     assert "parameters" in r.stdout
     rows = _metrics(workdir)
     assert [row["epoch"] for row in rows] == [1, 2]
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s"):
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc_flip", "lr",
+                "epoch_time_s"):
         assert all(np.isfinite(row[key]) for row in rows), key
     assert rows[1]["train_loss"] < rows[0]["train_loss"]  # it learns the synthetic classes
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["final_test_acc"] == rows[-1]["test_acc"] and summary["epochs"] == 2
+    assert summary["best_test_acc_flip"] == max(row["test_acc_flip"] for row in rows)
+    assert "flip TTA" in r.stdout
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((workdir / "config.json").read_text())
     assert config["depth"] == 20 and config["dataset"] == "synthetic:256:64"
@@ -288,6 +291,7 @@ def test_eval_only_and_rerun_of_finished_run(reference_run, jax_cache):
     result = json.loads((workdir / "eval.json").read_text())
     assert result["step"] == 16 and result["test_count"] == 64
     assert result["test_acc"] == summary["final_test_acc"]
+    assert result["test_acc_flip"] == summary["final_test_acc_flip"]
     assert "test acc" in r.stdout
 
 
