@@ -549,7 +549,17 @@ def run(args: argparse.Namespace) -> int:
     if lead:
         _write_metrics(metrics_path, rows)  # drop epochs logged after the checkpoint
 
-    progress = EpochProgress(cfg, spe, args, ckpt, lead, elapsed)
+    compile_s = 0.0
+    if start_epoch < cfg.epochs:
+        # Compilation counts as training time (in the first epoch this process runs), as
+        # PyTorch's cudnn.benchmark autotuning does in its first epoch.
+        t_compile = time.perf_counter()
+        train_step, eval_step = T.compile_steps(
+            train_step, eval_step, state, ds.image_shape, cfg.batch_size, eval_batch, mesh,
+            cfg.eval_flip)
+        compile_s = time.perf_counter() - t_compile
+        say(f"compiled the train and eval steps in {compile_s:.1f} s")
+    progress = EpochProgress(cfg, spe, args, ckpt, lead, elapsed + compile_s)
     stopped = False
     for epoch in range(start_epoch, cfg.epochs):
         first = start_in_epoch if epoch == start_epoch else 0
@@ -571,6 +581,7 @@ def run(args: argparse.Namespace) -> int:
         test = T.evaluate(eval_step, state, ds.test, eval_batch, mesh, cfg.eval_flip)
         epoch_time = time.perf_counter() - progress.t_epoch
         progress.elapsed += epoch_time
+        epoch_time += compile_s
         progress.finish(train, test)
         row = {
             "epoch": epoch + 1, "step": (epoch + 1) * spe,
@@ -580,7 +591,9 @@ def run(args: argparse.Namespace) -> int:
             "epoch_time_s": epoch_time,
             "train_images_per_s": (spe - first) * cfg.batch_size / max(train_time, 1e-9),
             "elapsed_s": progress.elapsed,
+            **({"compile_s": compile_s} if compile_s else {}),
         }
+        compile_s = 0.0
         say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train['loss']:.4f} acc "
             f"{100 * train['acc']:.2f}% | test loss {test['loss']:.4f} acc "
             f"{100 * test['acc']:.2f}%{_flip_note(test)} | lr {lr:.3g} | {epoch_time:.1f}s "

@@ -684,6 +684,46 @@ def make_eval_step(
     )
 
 
+def _like(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        tree)
+
+
+def compile_steps(
+    train_step: Callable,
+    eval_step: Callable,
+    state: TrainState,
+    image_shape: tuple[int, int, int],
+    batch_size: int,
+    eval_batch_size: int,
+    mesh: Mesh,
+    eval_flip: bool = False,
+) -> tuple[Callable, Callable]:
+    """The train and eval steps compiled ahead of time, for ``train_epoch`` / ``evaluate``.
+
+    They accept exactly these shapes and shardings (``state`` as placed on the mesh,
+    ``eval_zero_metrics(eval_flip)``) and raise on any other input instead of silently
+    compiling again, and the caller can time compilation apart from training. (Compiling
+    the two concurrently in threads gave no measurable gain on 2 CPU cores.)
+    """
+    rows = batch_sharding(mesh)
+
+    def batch(n: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+        return (jax.ShapeDtypeStruct((n, *image_shape), jnp.uint8, sharding=rows),
+                jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rows))
+
+    state_like = _like(state)
+    train = train_step.lower(
+        state_like, _like(replicate_metrics(None, mesh)), *batch(batch_size)).compile()
+    evaluate = eval_step.lower(
+        state_like.params, state_like.batch_stats,
+        _like(replicate(jax.device_get(eval_zero_metrics(eval_flip)), mesh)),
+        *batch(eval_batch_size),
+        jax.ShapeDtypeStruct((eval_batch_size,), jnp.float32, sharding=rows),
+    ).compile()
+    return train, evaluate
+
+
 # --------------------------------------------------------------------------- loops
 
 
