@@ -659,7 +659,10 @@ def make_eval_step(
     def step(params, batch_stats, metrics, images, labels, mask):
         model = nnx.merge(eval_graphdef, params, batch_stats)
         x = data_lib.normalize(images, mean, std, dtype)
-        logits = model(x)
+        if flip:  # one forward pass over the batch and its mirror (NHWC: axis 2 is the width)
+            logits, mirrored = jnp.split(model(jnp.concatenate([x, jnp.flip(x, axis=2)])), 2)
+        else:
+            logits = model(x)
         loss = cross_entropy(logits, labels)
         valid = mask > 0
         correct = (jnp.argmax(logits, -1) == labels) & valid
@@ -669,7 +672,6 @@ def make_eval_step(
             "count": metrics["count"] + jnp.sum(valid).astype(jnp.int32),
         }
         if flip:
-            mirrored = model(jnp.flip(x, axis=2))  # NHWC: axis 2 is the width
             both = logits.astype(jnp.float32) + mirrored.astype(jnp.float32)
             hit = (jnp.argmax(both, -1) == labels) & valid
             out["correct_flip"] = metrics["correct_flip"] + jnp.sum(hit).astype(jnp.int32)
