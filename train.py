@@ -526,7 +526,7 @@ def run(args: argparse.Namespace) -> int:
 
     eval_step = T.make_eval_step(defs.eval, cfg, ds.mean, ds.std, mesh)
     if args.eval_only:
-        result = T.evaluate(eval_step, state, ds.test, eval_batch, mesh, cfg.eval_flip)
+        result = T.evaluate(eval_step, state, ds.test, eval_batch, mesh)
         out = {"step": latest, "epoch": meta.get("epoch"), "test_loss": result["loss"],
                "test_acc": result["acc"], "test_count": result["count"]}
         if cfg.eval_flip:
@@ -555,8 +555,7 @@ def run(args: argparse.Namespace) -> int:
         # PyTorch's cudnn.benchmark autotuning does in its first epoch.
         t_compile = time.perf_counter()
         train_step, eval_step = T.compile_steps(
-            train_step, eval_step, state, ds.image_shape, cfg.batch_size, eval_batch, mesh,
-            cfg.eval_flip)
+            train_step, eval_step, state, ds.image_shape, cfg.batch_size, eval_batch, mesh)
         compile_s = time.perf_counter() - t_compile
         say(f"compiled the train and eval steps in {compile_s:.1f} s")
     progress = EpochProgress(cfg, spe, args, ckpt, lead, elapsed + compile_s)
@@ -578,7 +577,7 @@ def run(args: argparse.Namespace) -> int:
             break
         train = T.summarize(metrics)
         train_time = time.perf_counter() - progress.t_epoch
-        test = T.evaluate(eval_step, state, ds.test, eval_batch, mesh, cfg.eval_flip)
+        test = T.evaluate(eval_step, state, ds.test, eval_batch, mesh)
         epoch_time = time.perf_counter() - progress.t_epoch
         progress.elapsed += epoch_time
         epoch_time += compile_s
@@ -611,9 +610,9 @@ def run(args: argparse.Namespace) -> int:
     if lead and rows:
         last = rows[-1]
         flip = {}
-        if all("test_acc_flip" in r for r in rows):
+        if "test_acc_flip" in last:  # --eval-flip may have been switched on when resuming
             flip = {"final_test_acc_flip": last["test_acc_flip"],
-                    "best_test_acc_flip": max(r["test_acc_flip"] for r in rows)}
+                    "best_test_acc_flip": max(r.get("test_acc_flip", 0.0) for r in rows)}
         _write_json(workdir / "summary.json", {
             "final_test_acc": last["test_acc"], "final_test_loss": last["test_loss"],
             "best_test_acc": max(r["test_acc"] for r in rows), **flip,

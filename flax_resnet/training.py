@@ -639,13 +639,25 @@ def eval_zero_metrics(flip: bool = False) -> dict[str, jax.Array]:
     return metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalStep:
+    """A jitted (or compiled) eval step and whether it scores flip test-time augmentation,
+    which decides its metrics' keys (``eval_zero_metrics(flip)``)."""
+
+    fn: Callable[..., dict]
+    flip: bool
+
+    def __call__(self, *args: Any) -> dict:
+        return self.fn(*args)
+
+
 def make_eval_step(
     eval_graphdef: Any,
     cfg: TrainConfig,
     mean: Sequence[float],
     std: Sequence[float],
     mesh: Mesh,
-) -> Callable[..., dict]:
+) -> EvalStep:
     """``eval(params, batch_stats, metrics, images_uint8, labels, mask) -> metrics``, jitted.
 
     ``mask`` (float32, 0 for padding) lets the last partial batch be padded so eval
@@ -678,12 +690,13 @@ def make_eval_step(
         return out
 
     repl, batch = replicated(mesh), batch_sharding(mesh)
-    return jax.jit(
+    jitted = jax.jit(
         step,
         in_shardings=(repl, repl, repl, batch, batch, batch),
         out_shardings=repl,
         donate_argnums=(2,),
     )
+    return EvalStep(jitted, flip)
 
 
 def _like(tree: Any) -> Any:
@@ -693,18 +706,17 @@ def _like(tree: Any) -> Any:
 
 def compile_steps(
     train_step: Callable,
-    eval_step: Callable,
+    eval_step: EvalStep,
     state: TrainState,
     image_shape: tuple[int, int, int],
     batch_size: int,
     eval_batch_size: int,
     mesh: Mesh,
-    eval_flip: bool = False,
-) -> tuple[Callable, Callable]:
+) -> tuple[Callable, EvalStep]:
     """The train and eval steps compiled ahead of time, for ``train_epoch`` / ``evaluate``.
 
-    They accept exactly these shapes and shardings (``state`` as placed on the mesh,
-    ``eval_zero_metrics(eval_flip)``) and raise on any other input instead of silently
+    They accept exactly these shapes and shardings (``state`` as placed on the mesh) and
+    raise on any other input instead of silently
     compiling again, and the caller can time compilation apart from training. (Compiling
     the two concurrently in threads gave no measurable gain on 2 CPU cores.)
     """
@@ -717,13 +729,13 @@ def compile_steps(
     state_like = _like(state)
     train = train_step.lower(
         state_like, _like(replicate_metrics(None, mesh)), *batch(batch_size)).compile()
-    evaluate = eval_step.lower(
+    evaluate = eval_step.fn.lower(
         state_like.params, state_like.batch_stats,
-        _like(replicate(jax.device_get(eval_zero_metrics(eval_flip)), mesh)),
+        _like(replicate(jax.device_get(eval_zero_metrics(eval_step.flip)), mesh)),
         *batch(eval_batch_size),
         jax.ShapeDtypeStruct((eval_batch_size,), jnp.float32, sharding=rows),
     ).compile()
-    return train, evaluate
+    return train, EvalStep(evaluate, eval_step.flip)
 
 
 # --------------------------------------------------------------------------- loops
@@ -777,18 +789,17 @@ def train_epoch(
 
 
 def evaluate(
-    eval_step: Callable,
+    eval_step: EvalStep,
     state: TrainState,
     split: data_lib.Split,
     batch_size: int,
     mesh: Mesh,
-    flip: bool = False,
 ) -> dict[str, float]:
-    """Loss and accuracy (and ``acc_flip`` when ``flip``, which must match the eval step's
-    ``cfg.eval_flip``) over the whole split; the last batch is padded and masked."""
+    """Loss and accuracy (and ``acc_flip`` when the step flips) over the whole split; the
+    last batch is padded and masked."""
     n = len(split)
     rows = process_rows(mesh, batch_size)
-    metrics = replicate(jax.device_get(eval_zero_metrics(flip)), mesh)
+    metrics = replicate(jax.device_get(eval_zero_metrics(eval_step.flip)), mesh)
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)[rows]
         valid = idx < n

@@ -231,7 +231,7 @@ def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() ->
     mesh = T.make_mesh(jax.devices()[:1])
     defs, state = T.init_train_state(model, T.make_optimizer(cfg, 2), 0)
     eval_step = T.make_eval_step(defs.eval, cfg, ds.mean, ds.std, mesh)
-    flax = T.evaluate(eval_step, state, test, 32, mesh, flip=True)
+    flax = T.evaluate(eval_step, state, test, 32, mesh)
     assert flax["count"] == 70 and flax["acc_flip"] == 1.0
     assert flax["acc"] == n_plain / 70
 
