@@ -9,8 +9,8 @@
 the fast recipe) instead of the plain ``test_acc``.
 
 ``--train-script bench/torch_train.py`` runs the PyTorch reference with the same recipe and
-the same metrics contract instead of ``train.py``. Several ``--metrics LABEL=FILE`` print a
-Markdown table side by side (the README's).
+the same metrics contract instead of ``train.py``. ``--metrics LABEL=FILE`` (one or several)
+prints a Markdown table, runs side by side (the README's).
 
 A thin wrapper over train.py's contract: ``python train.py --recipe R --dataset D --workdir W``
 appends one JSON line per epoch to ``W/metrics.jsonl`` with ``epoch``, ``test_acc`` and the
@@ -171,8 +171,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="the metrics.jsonl accuracy to time; test_acc_flip needs --eval-flip "
                    "(on in the fast recipe)")
     p.add_argument("--metrics", action="append", default=None, metavar="[LABEL=]FILE",
-                   help="only parse this metrics.jsonl (no training run); repeat for a "
-                        "side-by-side Markdown table")
+                   help="only parse this metrics.jsonl (no training run); with LABEL= or "
+                        "repeated: a Markdown table, one row per file")
     p.add_argument("--dataset", default=None, help="train.py --dataset (e.g. folder:PATH)")
     p.add_argument("--recipe", default="fast", help="train.py --recipe")
     p.add_argument("--workdir", default=None,
@@ -248,7 +248,7 @@ def run_training(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
-    if args.metrics is not None and len(args.metrics) > 1:
+    if args.metrics is not None and (len(args.metrics) > 1 or "=" in args.metrics[0]):
         print(compare_markdown(
             [(label, read_rows(Path(path))) for label, path in map(_labelled, args.metrics)],
             args.target, args.metric))

@@ -183,6 +183,10 @@ def test_time_to_accuracy_side_by_side_table(tmp_path: Path) -> None:
                         "| 7.5 | 0.50 | 200 |")
     assert table[3] == ("| B | 2 | 87.00% | 87.00% | 2 (3.0) | not reached | not reached "
                         "| 2.0 | — | 1.00 | 100 |")
+    one = io.StringIO()  # one labelled file: a one-row table
+    with contextlib.redirect_stdout(one):
+        assert main([*paths[2:], "--target", "0.9"]) == 0
+    assert one.getvalue().splitlines()[2] == table[3]
 
 
 def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() -> None:
