@@ -21,9 +21,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,47 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_test_logits(model: Any, mean: Any, std: Any, device: Any, bf16: bool,
-                     memory_format: Any) -> Callable[[Any], Any]:
-    """uint8 NHWC test images -> the model's logits (eval mode is the caller's)."""
-    import torch
-
-    from bench.augment import normalize_coeffs
-
-    scale, shift = (torch.tensor(v, device=device) for v in normalize_coeffs(mean, std))
-
-    def test_logits(images_u8: Any) -> Any:
-        x = (images_u8.float() * scale + shift).permute(0, 3, 1, 2)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return model(x.contiguous(memory_format=memory_format))
-
-    return test_logits
-
-
-def evaluate(test_logits: Callable[[Any], Any], images: Any, labels: Any, batch_size: int,
-             flip: bool) -> dict[str, float]:
-    """Summed cross entropy and correct counts over uint8 NHWC ``images``; with ``flip`` also
-    ``correct_flip`` from the mean logits of each image and its mirror (as ``train.py``'s
-    ``--eval-flip``). One host sync, at the end."""
-    import torch
-
-    zero = torch.zeros((), device=images.device)
-    loss_sum, correct, correct_flip = zero.clone(), zero.clone().long(), zero.clone().long()
-    with torch.no_grad():
-        for s in range(0, len(images), batch_size):
-            batch, y = images[s : s + batch_size], labels[s : s + batch_size]
-            logits = test_logits(batch).float()
-            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            if flip:  # NHWC: dim 2 is the width
-                both = logits + test_logits(batch.flip(2)).float()
-                correct_flip += (both.argmax(1) == y).sum()
-    out = {"loss_sum": float(loss_sum), "correct": int(correct)}
-    if flip:
-        out["correct_flip"] = int(correct_flip)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # flax_resnet supplies the recipe and the data only: keep JAX off the GPU.
@@ -97,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import torch_ref
+    from bench.augment import normalize_coeffs
     from bench.torch_side import make_forward_loss, make_optimizer, set_tf32
     from flax_resnet import data as data_lib
     from flax_resnet import training as T
-    from torch_ref.training import make_criterion, make_scheduler
+    from torch_ref.training import evaluate, make_criterion, make_scheduler
 
     try:
         cfg = T.make_config(
@@ -142,7 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     train_logits_loss = make_forward_loss(model, criterion, ds.mean, ds.std, bf16=bf16,
                                           compile=args.compile)
 
-    test_logits = make_test_logits(model, ds.mean, ds.std, dev, bf16, memory_format)
+    # Device-side constants: torch_ref's normalize would copy mean/std to the GPU per batch.
+    scale, shift = (torch.tensor(v, device=dev) for v in normalize_coeffs(ds.mean, ds.std))
+
+    def test_batches():
+        for i in range(0, len(test_x), args.eval_batch_size):
+            x = (test_x[i : i + args.eval_batch_size].float() * scale + shift).permute(0, 3, 1, 2)
+            yield x.contiguous(memory_format=memory_format), test_y[i : i + args.eval_batch_size]
+
+    def test_logits(x):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            return model(x)
 
     def sync() -> None:
         if cuda:
@@ -180,16 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         train_time = time.perf_counter() - t0
         model.eval()
-        test = evaluate(test_logits, test_x, test_y, args.eval_batch_size, cfg.eval_flip)
-        n_train, n_test = spe * cfg.batch_size, len(ds.test)
+        test = evaluate(test_logits, test_batches(), flip=cfg.eval_flip)
+        n_train = spe * cfg.batch_size
         row = {
             "epoch": epoch + 1, "step": (epoch + 1) * spe,
             "train_loss": float(loss_sum) / n_train, "train_acc": int(correct) / n_train,
-            "test_loss": test["loss_sum"] / n_test, "test_acc": test["correct"] / n_test,
-            "lr": lr,
+            "test_loss": test["loss"], "test_acc": test["acc"], "lr": lr,
         }
         if cfg.eval_flip:
-            row["test_acc_flip"] = test["correct_flip"] / n_test
+            row["test_acc_flip"] = test["acc_flip"]
         epoch_time = time.perf_counter() - t0
         elapsed += epoch_time
         row.update(epoch_time_s=epoch_time, train_images_per_s=n_train / train_time,

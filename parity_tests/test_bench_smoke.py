@@ -190,8 +190,9 @@ def test_time_to_accuracy_side_by_side_table(tmp_path: Path) -> None:
 
 
 def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() -> None:
-    """``--eval-flip``: train.py's eval step and bench/torch_train.py's evaluate score the
-    argmax of logits(image) + logits(mirror image) on the same converted weights.
+    """``--eval-flip``: train.py's eval step and torch_ref.training.evaluate (which
+    bench/torch_train.py uses) score the argmax of logits(image) + logits(mirror image) on the
+    same converted weights.
 
     The labels are set to the flip-averaged predictions of a direct Flax computation, so the
     flip count must be all 70 images, and to differ from the plain predictions on at least
@@ -203,11 +204,12 @@ def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() ->
     from harness import randomize_norms_
 
     import torch_ref
-    from bench.torch_train import evaluate as torch_evaluate
-    from bench.torch_train import make_test_logits
     from flax_resnet import training as T
     from flax_resnet.convert import load_torch_state_dict
     from flax_resnet.data import normalize, synthetic_dataset
+    from torch_ref.training import evaluate as torch_evaluate
+    from torch_ref.training import nhwc_to_nchw
+    from torch_ref.training import normalize as torch_normalize
 
     cfg = T.make_config("fast", dataset="synthetic:64:70", depth=20, width=0.25, batch_size=32,
                         eval_flip=True, zero_init_residual=False)
@@ -216,10 +218,9 @@ def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() ->
                                      init=cfg.init)
     randomize_norms_(tmodel, seed=3)
     tmodel.eval()
-    test_logits = make_test_logits(tmodel, ds.mean, ds.std, torch.device("cpu"), False,
-                                   torch.contiguous_format)
+    x_torch = torch_normalize(nhwc_to_nchw(ds.test.images), ds.mean, ds.std)
     with torch.no_grad():  # centre the logits: untrained, one class would win everywhere
-        tmodel.fc.bias -= test_logits(torch.from_numpy(ds.test.images)).mean(0)
+        tmodel.fc.bias -= tmodel(x_torch).mean(0)
     model = T.create_model(cfg, 10)
     load_torch_state_dict(model, tmodel.state_dict())
 
@@ -239,8 +240,9 @@ def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() ->
     assert flax["count"] == 70 and flax["acc_flip"] == 1.0
     assert flax["acc"] == n_plain / 70
 
-    ref = torch_evaluate(test_logits, torch.from_numpy(test.images),
-                         torch.from_numpy(labels.astype(np.int64)), 32, flip=True)
-    assert ref["correct_flip"] == 70 and ref["correct"] == n_plain
+    y_torch = torch.from_numpy(labels.astype(np.int64))
+    ref = torch_evaluate(tmodel, ((x_torch[i : i + 32], y_torch[i : i + 32])
+                                  for i in range(0, 70, 32)), flip=True)
+    assert ref["count"] == 70 and ref["acc_flip"] == 1.0 and ref["acc"] == n_plain / 70
     # float32 cross entropy summed over 70 images, two conv stacks' rounding apart
-    assert ref["loss_sum"] / 70 == pytest.approx(flax["loss"], rel=1e-5)
+    assert ref["loss"] == pytest.approx(flax["loss"], rel=1e-5)

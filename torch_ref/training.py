@@ -26,7 +26,7 @@ Flax side trains with, or a ``types.SimpleNamespace``. This module does not impo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -243,18 +243,34 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    flip: bool = False,
 ) -> dict[str, float]:
-    """Mean cross entropy (no smoothing) and accuracy over normalized NCHW batches."""
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for images, labels in batches:
-        logits = model(images)
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(1) == labels).sum())
-        count += int(labels.shape[0])
-    return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1), "count": count}
+    """Mean cross entropy (no smoothing) and accuracy over normalized NCHW batches.
+
+    ``model`` is the network (put in eval mode here) or any callable to logits, e.g. one
+    under autocast. ``flip`` adds ``acc_flip``: the argmax of the summed logits of each image
+    and its horizontal mirror (flip test-time augmentation, ``flax_resnet``'s ``eval_flip``).
+    Sums stay on the device (float64 loss): one host sync, at the end.
+    """
+    if isinstance(model, nn.Module):
+        model.eval()
+    losses, hits, hits_flip, count = [], [], [], 0
+    with torch.no_grad():
+        for images, labels in batches:
+            logits = model(images).float()
+            losses.append(F.cross_entropy(logits, labels, reduction="sum").double())
+            hits.append((logits.argmax(1) == labels).sum())
+            if flip:
+                both = logits + model(images.flip(3)).float()  # NCHW: dim 3 is the width
+                hits_flip.append((both.argmax(1) == labels).sum())
+            count += int(labels.shape[0])
+    n = max(count, 1)
+    out = {"loss": float(sum(losses, 0.0)) / n, "acc": int(sum(hits, 0)) / n, "count": count}
+    if flip:
+        out["acc_flip"] = int(sum(hits_flip, 0)) / n
+    return out
 
 
 __all__ = [
