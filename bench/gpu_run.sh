@@ -9,12 +9,13 @@
 #
 # Configs run most important first, all frameworks of a config back to back: the target
 # (ResNet-18, CIFAR stem, bf16, batch 512) with Flax, PyTorch eager, torch.compile and the
-# two-pass-BN-variance Flax variant (the product uses one pass for bf16); then the rest of
-# the matrix with Flax and PyTorch eager (torch.compile costs ~1 min of compilation per
-# config, so only BENCH_COMPILE_CONFIGS get it). --time-budget skips the jobs that would not fit in BENCH_BUDGET_S seconds (they show as
-# "skipped (time budget)"); the files are rewritten after every job, so even a kill leaves
-# everything finished so far. The whole matrix (12 configs, torch.compile on the 6 bf16 ones)
-# needs ~15 min: BENCH_BUDGET_S=900 BENCH_COMPILE_CONFIGS=bf16 BENCH_TIMEOUT_S=1100.
+# two-pass-BN-variance Flax variant (the product uses one pass for bf16); then the rest of the
+# matrix with Flax and PyTorch eager (torch.compile costs ~1 min of compilation per config, so
+# only BENCH_COMPILE_CONFIGS get it). --time-budget skips the jobs that would not fit in
+# BENCH_BUDGET_S seconds (they show as "skipped (time budget)"); the files are rewritten after
+# every job, so even a kill leaves everything finished so far. The whole matrix (12 configs,
+# torch.compile on the 6 bf16 ones) needs ~15 min: BENCH_BUDGET_S=900 BENCH_COMPILE_CONFIGS=bf16
+# BENCH_TIMEOUT_S=1100.
 set -uo pipefail
 OUT="${OUT:-./bench_out}"
 PY="${PYTHON:-python3}"
