@@ -105,3 +105,30 @@ def lookup_peak_tflops(device_name: str, precision: str, tf32: bool) -> float | 
         if key in name:
             return peaks[compute_class(precision, tf32)]
     return None
+
+
+# HBM bandwidth in TB/s by device-name substring (datasheets; first match wins). The A100's
+# 80 GB parts are faster than its 40 GB ones, hence the longer names first.
+PEAK_HBM_TBS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIE", 2.0),
+    ("H100 NVL", 3.9),
+    ("H100", 3.35),  # SXM
+    ("GH200 144G", 4.9),  # HBM3e
+    ("GH200", 4.0),  # HBM3
+    ("H200", 4.8),
+    ("A100-SXM4-80GB", 2.039),
+    ("A100 80GB PCIE", 1.935),
+    ("A100", 1.555),
+    ("L40S", 0.864),
+    ("L4", 0.3),
+    ("A10G", 0.6),
+)
+
+
+def lookup_hbm_tbs(device_name: str) -> float | None:
+    """The datasheet memory bandwidth of this device in TB/s, or None (CPU, unknown GPU)."""
+    name = device_name.upper()
+    for key, tbs in PEAK_HBM_TBS:
+        if key.upper() in name:
+            return tbs
+    return None

@@ -1,0 +1,264 @@
+"""Where a training step's time can go: the compiled step's kernels against the roofline.
+
+    python -m bench.roofline [--config resnet18-b512-bf16] [--target local|h100|h200]
+                             [--measured-img-s X] [--top N] [--hlo-out FILE] [--json FILE]
+    python -m bench.roofline --from-hlo FILE --device NAME [--config ...]
+
+Compiles the product's train step (``flax_resnet.training.make_train_step``, the ``fast``
+recipe at the config's depth, width, batch and precision, as ``python -m bench`` times it)
+and lists the kernels of the optimized program (bench/hlo_kernels.py): per kernel kind the
+count, the modeled HBM traffic and the convolution FLOPs, and each kernel's roofline time,
+max(FLOPs / peak, bytes / bandwidth). Their sum is the step time this kernel list cannot
+beat, since the kernels run one after another; it gives a ceiling on images/s and MFU.
+
+``--target h100`` / ``h200`` compile for that GPU without one (deviceless AOT; needs the
+CUDA plugin, ``pip install "jax[cuda12]"``, in the environment; no GPU or driver is used).
+``--target local`` compiles for the first attached device. Convolution algorithms are not
+autotuned without a device, which changes no kernel boundary or traffic figure here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python bench/roofline.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.configs import BenchConfig, parse_config  # noqa: E402
+from bench.flops import lookup_hbm_tbs, lookup_peak_tflops, resnet_flops  # noqa: E402
+from bench.gpu_targets import GPU_TARGETS, target_config  # noqa: E402
+from bench.hlo_kernels import Kernel, by_kind, kernel_time, parse_kernels  # noqa: E402
+
+TARGETS = ("local", *GPU_TARGETS)
+CIFAR_TRAIN_IMAGES = 50_000
+
+
+def _prepare_deviceless() -> None:
+    # Must precede the CUDA plugin's initialization: its version check needs a driver.
+    os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+
+
+def _devices(target: str) -> list[Any]:
+    import jax
+
+    if target == "local":
+        return jax.devices()[:1]
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", target_config=target_config(target), topology="1x1x1"
+        )
+    except (NotImplementedError, RuntimeError) as e:
+        raise SystemExit(
+            f"--target {target} needs JAX's CUDA plugin to compile without a GPU "
+            f'(pip install "jax[cuda12]=={jax.__version__}"): {e}'
+        ) from e
+    return list(topology.devices)
+
+
+def compiled_step_hlo(cfg: BenchConfig, target: str, recipe: str = "fast",
+                      tf32: bool = True) -> tuple[str, str]:
+    """(optimized HLO text, device kind) of the product's train step compiled for ``target``.
+
+    Only shapes are traced: the state is initialized on the host and handed to the compiler
+    as ``ShapeDtypeStruct``s with their shardings.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from bench.run import train_config
+    from flax_resnet import data as data_lib
+    from flax_resnet import training as T
+
+    devices = _devices(target)
+    mesh = T.make_mesh(devices)
+    train_cfg = T.TrainConfig.from_dict(train_config(cfg, recipe, None)).validate()
+    jax.config.update("jax_default_matmul_precision", None if tf32 else "highest")
+    with jax.default_device(jax.devices("cpu")[0]):
+        model = T.create_model(train_cfg, cfg.num_classes)
+        tx = T.make_optimizer(train_cfg, CIFAR_TRAIN_IMAGES // cfg.batch)
+        defs, state = T.init_train_state(model, tx, train_cfg.seed)
+        metrics = T.zero_metrics()
+    repl, rows = T.replicated(mesh), T.batch_sharding(mesh)
+
+    def abstract(tree: Any) -> Any:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                            tree)
+
+    step = T.make_train_step(
+        defs.train, tx, train_cfg, data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD, mesh
+    )
+    image = (cfg.batch, cfg.image_size, cfg.image_size, 3)
+    compiled = step.lower(
+        abstract(state), abstract(metrics),
+        jax.ShapeDtypeStruct(image, jnp.uint8, sharding=rows),
+        jax.ShapeDtypeStruct((cfg.batch,), jnp.int32, sharding=rows),
+    ).compile()
+    return compiled.as_text(), str(getattr(devices[0], "device_kind", devices[0]))
+
+
+def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = True,
+            measured_img_s: float | None = None, top: int = 10) -> dict[str, Any]:
+    """The report (JSON-able) of a step's kernels on ``device``."""
+    peak_tflops = lookup_peak_tflops(device, cfg.precision, tf32)
+    hbm_tbs = lookup_hbm_tbs(device)
+    peak = peak_tflops * 1e12 if peak_tflops else None
+    bandwidth = hbm_tbs * 1e12 if hbm_tbs else None
+    flops = resnet_flops(cfg.depth, stem=cfg.stem, width=cfg.width,
+                         num_classes=cfg.num_classes, image_size=cfg.image_size)
+    model_flops_step = flops.train_per_image * cfg.batch
+    times = [kernel_time(k, peak, bandwidth) for k in kernels]
+    roofline_s = None if bandwidth is None else sum(times)
+    totals = {
+        "kernels": len(kernels),
+        "read_bytes": sum(k.read_bytes for k in kernels),
+        "write_bytes": sum(k.write_bytes for k in kernels),
+        "conv_flops": sum(k.flops for k in kernels),
+        "roofline_s": roofline_s,
+    }
+    ceiling: dict[str, Any] = {"images_per_s": None, "mfu": None}
+    if roofline_s:
+        ceiling["images_per_s"] = cfg.batch / roofline_s
+        if peak:
+            ceiling["mfu"] = model_flops_step / roofline_s / peak
+    ranked = sorted(zip(kernels, times, strict=True), key=lambda kt: -kt[0].bytes)
+    report = {
+        "meta": {
+            "config": cfg.to_dict(), "device": device, "peak_tflops": peak_tflops,
+            "hbm_tbs": hbm_tbs, "tf32": tf32,
+            "date": _dt.date.today().isoformat(),
+            "model_flops_per_step": model_flops_step,
+        },
+        "kinds": [vars(r) for r in by_kind(kernels, peak, bandwidth)],
+        "totals": totals,
+        "ceiling": ceiling,
+        "top": [
+            {"name": k.name, "kind": k.kind, "read_bytes": k.read_bytes,
+             "write_bytes": k.write_bytes, "flops": k.flops, "roofline_s": t}
+            for k, t in ranked[:top]
+        ],
+    }
+    if measured_img_s:
+        report["measured"] = {
+            "images_per_s": measured_img_s,
+            "step_s": cfg.batch / measured_img_s,
+            "of_roofline": (measured_img_s / ceiling["images_per_s"]
+                            if ceiling["images_per_s"] else None),
+        }
+    return report
+
+
+def _ms(t: float | None) -> str:
+    return "—" if t is None else f"{t * 1e3:.3f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    meta, tot, ceiling = report["meta"], report["totals"], report["ceiling"]
+    lines = [
+        f"### Kernels of the compiled train step — {meta['config']['name']} on {meta['device']}",
+        "",
+        f"{meta['date']} · {meta.get('compiled', '')} · peak "
+        f"{meta['peak_tflops'] or '—'} TFLOP/s, HBM {meta['hbm_tbs'] or '—'} TB/s",
+        "",
+        "| kernel kind | kernels | read MB | write MB | conv GFLOP | roofline ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["kinds"]:
+        lines.append(
+            f"| {r['kind']} | {r['count']} | {r['read_bytes'] / 1e6:,.1f} | "
+            f"{r['write_bytes'] / 1e6:,.1f} | {r['flops'] / 1e9:,.1f} | {_ms(r['roofline_s'])} |"
+        )
+    lines.append(
+        f"| **total** | {tot['kernels']} | {tot['read_bytes'] / 1e6:,.1f} | "
+        f"{tot['write_bytes'] / 1e6:,.1f} | {tot['conv_flops'] / 1e9:,.1f} | "
+        f"{_ms(tot['roofline_s'])} |"
+    )
+    lines.append("")
+    if ceiling["images_per_s"]:
+        mfu = f", MFU ≤ {ceiling['mfu']:.1%}" if ceiling["mfu"] else ""
+        lines.append(
+            f"Roofline of this kernel list: {_ms(tot['roofline_s'])} ms per step, "
+            f"≤ {ceiling['images_per_s']:,.0f} img/s{mfu}."
+        )
+    measured = report.get("measured")
+    if measured:
+        share = measured["of_roofline"]
+        lines.append(
+            f"Measured {measured['images_per_s']:,.0f} img/s ({_ms(measured['step_s'])} ms "
+            f"per step)" + (f" = {share:.0%} of that ceiling." if share else ".")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", default="resnet18-b512-bf16",
+                   help="resnet<depth>[w<width>]-b<batch>-<fp32|bf16>")
+    p.add_argument("--target", choices=TARGETS, default="local")
+    p.add_argument("--recipe", default="fast")
+    p.add_argument("--tf32", choices=("on", "off"), default="on",
+                   help="fp32 configs: allow TF32 convs (JAX's GPU default) and use its peak")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--measured-img-s", type=float, default=None,
+                   help="a measured throughput (python -m bench) to set against the ceiling")
+    p.add_argument("--top", type=int, default=10, help="kernels listed by traffic")
+    p.add_argument("--from-hlo", default=None, metavar="FILE",
+                   help="analyze this optimized HLO text instead of compiling")
+    p.add_argument("--device", default=None,
+                   help="device name for the peaks with --from-hlo (e.g. 'NVIDIA H100')")
+    p.add_argument("--hlo-out", default=None, metavar="FILE", help="write the optimized HLO")
+    p.add_argument("--json", dest="json_path", default=None)
+    p.add_argument("--markdown", default=None, metavar="FILE")
+    args = p.parse_args(argv)
+    if args.from_hlo and not args.device:
+        p.error("--from-hlo needs --device (the peaks are looked up by its name)")
+    if args.top < 0:
+        p.error(f"--top must be >= 0, got {args.top}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = parse_config(args.config, args.image_size)
+    tf32 = args.tf32 == "on"
+    if args.from_hlo:
+        hlo, device, how = Path(args.from_hlo).read_text(), args.device, f"from {args.from_hlo}"
+    else:
+        if args.target != "local":
+            _prepare_deviceless()
+        import jax
+
+        hlo, device = compiled_step_hlo(cfg, args.target, args.recipe, tf32)
+        how = f"compiled by jax {jax.__version__} for " + (
+            "the attached device" if args.target == "local" else f"{args.target}, deviceless"
+        )
+        if args.hlo_out:
+            Path(args.hlo_out).write_text(hlo)
+    report = analyze(parse_kernels(hlo), cfg, device, tf32, args.measured_img_s, args.top)
+    report["meta"]["compiled"] = how
+    text = render_markdown(report)
+    print(text, end="")
+    for k in report["top"]:
+        print(f"  {(k['read_bytes'] + k['write_bytes']) / 1e6:9.1f} MB  "
+              f"{k['flops'] / 1e9:8.1f} GFLOP  {_ms(k['roofline_s']):>7s} ms  "
+              f"{k['kind']:20s} {k['name']}")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
