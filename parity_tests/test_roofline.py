@@ -110,3 +110,19 @@ def test_bandwidth_lookup_prefers_the_specific_part():
     assert lookup_hbm_tbs("NVIDIA H200") == 4.8
     assert lookup_hbm_tbs("NVIDIA A100-SXM4-80GB") == 2.039
     assert lookup_hbm_tbs("cpu") is None
+
+
+def test_kernel_profile_charges_the_traced_events_to_the_compiled_kernels(tmp_path):
+    from bench.kernel_profile import main as profile_main
+
+    out = tmp_path / "profile.json"
+    assert profile_main(["--config", f"{TINY}-fp32", "--steps", "2", "--warmup", "1",
+                         "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    # On the CPU every thunk is traced on the host and tagged with its HLO instruction.
+    assert report["meta"]["source"] == "host"
+    assert report["kernels_seen"] >= 0.9 * report["kernels"] > 0
+    assert report["busy_step_s"] > 0 and report["wall_step_s"] > 0
+    measured = sum(k["measured_s"] for k in report["kinds"])
+    assert math.isclose(measured + report["unmatched_step_s"],
+                        report["busy_step_s"], rel_tol=1e-9)

@@ -3,8 +3,12 @@
 #
 #   OUT=dir bash scripts/gpu_session.sh            # from the repo root
 #
-# Parts (PARTS, default "tta warm long autotune parity"), most important first, each under
-# its own time limit so that a hang costs one part, not the session:
+# Parts (PARTS, default "profile tta warm long autotune long_torch parity"), most important
+# first, each under its own time limit so that a hang costs one part, not the session:
+#   profile  - bench/kernel_profile.py: each kernel of the ResNet-18 b512 bf16 step, measured
+#              (JAX profiler) against its roofline, with XLA's default command buffers (CUDA
+#              graphs) and without them; and bench/roofline.py compiled on the device, to
+#              set against the deviceless compile in bench/results/2026-11-26-deviceless/;
 #   bench    - bench/gpu_run.sh: Flax vs PyTorch eager vs torch.compile (the benchmark of
 #              record; BENCH_BUDGET_S, default 180 s);
 #   tta      - time to 94% test accuracy (flip TTA, the fast recipe's eval) with the fast
@@ -27,12 +31,13 @@
 #     EXTRA="--depth 18 --width 0.125 --batch-size 32 --epochs 2" OUT=/tmp/o bash scripts/gpu_session.sh
 set -uo pipefail
 OUT="${OUT:-./gpu_out}"
-PARTS="${PARTS:-tta warm long autotune long_torch parity}"
+PARTS="${PARTS:-profile tta warm long autotune long_torch parity}"
 DEADLINE_S="${DEADLINE_S:-530}"
 DATASET="${DATASET:-folder:data/cifar10-jpeg}"
 DTYPE="${DTYPE:-bfloat16}"
 LONG_EPOCHS="${LONG_EPOCHS:-100}"
 TORCH_PARTS="${TORCH_PARTS:-1}"
+PCFG="${PROFILE_CONFIG:-resnet18-b512-bf16}"
 read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -67,6 +72,20 @@ tta_run() {
 }
 FLAX=(train.py "${TTA_FLAX_TIMEOUT_S:-140}" --no-progress --checkpoint-every-epochs 0)
 TORCH=(bench/torch_train.py "${TTA_TORCH_TIMEOUT_S:-125}")
+
+if has profile; then
+  stamp "profile"
+  for cb in default off; do
+    flags="${XLA_FLAGS:-}"
+    [[ $cb == off ]] && flags="$flags --xla_gpu_enable_command_buffer="
+    XLA_FLAGS="$flags" timeout -k 10 100 "$PY" -m bench.kernel_profile --top 20 --config "$PCFG" \
+      --json "$RES/profile_cb_$cb.json" --markdown "$RES/profile_cb_$cb.md" | head -14
+    pack
+  done
+  timeout -k 10 60 "$PY" -m bench.roofline --target local --top 12 --config "$PCFG" \
+    --json "$RES/roofline_local.json" --markdown "$RES/roofline_local.md"
+  pack
+fi
 
 if has bench; then
   stamp "bench"

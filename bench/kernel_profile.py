@@ -1,0 +1,226 @@
+"""Measured time of each kernel of the train step, set against its roofline time.
+
+    python -m bench.kernel_profile [--config resnet18-b512-bf16] [--steps 5] [--warmup 20]
+                                   [--top 15] [--json FILE] [--markdown FILE]
+
+Runs the product's train step (as ``python -m bench`` does: bench/flax_side.py) on the
+attached device, times ``--steps`` steps, then records them with the JAX profiler and reads
+the trace back (``jax.profiler.ProfileData``). Each device event that XLA tags with an HLO
+instruction of the step's module is charged to that kernel of the compiled program
+(bench/hlo_kernels.py), whose roofline time is max(FLOPs / peak, bytes / bandwidth). The
+table shows, per kernel kind and for the kernels furthest from their roofline, how far each
+is from it; the gap between the device's busy time and the step's wall time is time the
+device spends idle (launch overhead, host work).
+
+On a CPU the events are the host's thunks, which may overlap, and there is no roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python bench/kernel_profile.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.configs import BenchConfig, parse_config  # noqa: E402
+from bench.flops import lookup_hbm_tbs, lookup_peak_tflops  # noqa: E402
+from bench.hlo_kernels import Kernel, kernel_time, parse_kernels  # noqa: E402
+
+
+def module_name(hlo_text: str) -> str:
+    m = re.match(r"HloModule (\S+?),", hlo_text)
+    if m is None:
+        raise ValueError("no 'HloModule <name>,' header in this HLO text")
+    return m.group(1)
+
+
+def device_time_per_op(xplane_path: str, module: str) -> tuple[dict[str, float], str]:
+    """Seconds of device time per HLO instruction of ``module`` in a trace, and where they
+    came from: ``device`` (the GPU's stream lines, the raw kernel records; derived lines
+    such as "XLA Ops" would count each kernel twice) or ``host`` (no device plane: CPU).
+
+    Device kernels without an ``hlo_op`` tag (cuDNN's inner kernels, CUDA-graph replays)
+    are kept as ``?<kernel name>`` so that the busy time stays whole.
+    """
+    from jax.profiler import ProfileData
+
+    planes = list(ProfileData.from_file(xplane_path).planes)
+    device_planes = [p for p in planes if p.name.startswith("/device:")]
+    per_op: dict[str, float] = {}
+    for plane in device_planes or planes:
+        lines = list(plane.lines)
+        if device_planes:
+            lines = [ln for ln in lines if ln.name.startswith("Stream")] or lines
+        for line in lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                if "hlo_op" in stats and stats.get("hlo_module") == module:
+                    op = str(stats["hlo_op"])
+                elif device_planes and "hlo_op" not in stats:
+                    op = f"?{event.name}"
+                else:
+                    continue
+                per_op[op] = per_op.get(op, 0.0) + event.duration_ns * 1e-9
+    return per_op, "device" if device_planes else "host"
+
+
+def _run_and_trace(cfg: BenchConfig, steps: int, warmup: int, trace_dir: str
+                   ) -> tuple[str, float, str]:
+    """(optimized HLO, wall seconds per step untraced, device kind) after tracing ``steps``."""
+    import jax
+    import numpy as np
+
+    from bench.flax_side import build_step
+    from bench.run import train_config
+    from flax_resnet import training as T
+
+    train_cfg = train_config(cfg, "fast", None)
+    step, state, metrics, mesh = build_step(train_cfg, cfg.num_classes, 50_000 // cfg.batch)
+    rng = np.random.default_rng(0)
+    images, labels = T.put_batch(
+        mesh, cfg.batch,
+        rng.integers(0, 256, (cfg.batch, cfg.image_size, cfg.image_size, 3), dtype=np.uint8),
+        rng.integers(0, cfg.num_classes, (cfg.batch,), dtype=np.int32),
+    )
+    compiled = step.lower(state, metrics, images, labels).compile()
+
+    def run(n: int) -> None:
+        nonlocal state, metrics
+        for _ in range(n):
+            state, metrics = compiled(state, metrics, images, labels)
+        jax.block_until_ready((state, metrics))
+
+    run(warmup)
+    t = time.perf_counter()
+    run(steps)
+    wall = (time.perf_counter() - t) / steps
+    with jax.profiler.trace(trace_dir):
+        run(steps)
+    device = jax.devices()[0]
+    return compiled.as_text(), wall, str(getattr(device, "device_kind", device))
+
+
+def profile_report(kernels: list[Kernel], per_op: dict[str, float], steps: int,
+                   wall_step_s: float, cfg: BenchConfig, device: str, source: str,
+                   tf32: bool = True, top: int = 15) -> dict[str, Any]:
+    peak_tflops = lookup_peak_tflops(device, cfg.precision, tf32)
+    hbm_tbs = lookup_hbm_tbs(device)
+    peak = peak_tflops * 1e12 if peak_tflops else None
+    bandwidth = hbm_tbs * 1e12 if hbm_tbs else None
+    names = {k.name for k in kernels}
+    rows = []
+    for k in kernels:
+        rows.append({
+            "name": k.name, "kind": k.kind, "bytes": k.bytes, "flops": k.flops,
+            "measured_s": per_op.get(k.name, 0.0) / steps,
+            "roofline_s": kernel_time(k, peak, bandwidth),
+        })
+    kinds: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        a = kinds.setdefault(r["kind"], {"kind": r["kind"], "count": 0, "measured_s": 0.0,
+                                         "roofline_s": 0.0 if bandwidth else None})
+        a["count"] += 1
+        a["measured_s"] += r["measured_s"]
+        if bandwidth:
+            a["roofline_s"] += r["roofline_s"]
+    unmatched = {op: t / steps for op, t in per_op.items() if op not in names}
+    busy = sum(r["measured_s"] for r in rows) + sum(unmatched.values())
+    gap = (lambda r: r["measured_s"] - r["roofline_s"]) if bandwidth else (
+        lambda r: r["measured_s"])
+    return {
+        "meta": {"config": cfg.to_dict(), "device": device, "source": source,
+                 "peak_tflops": peak_tflops, "hbm_tbs": hbm_tbs, "steps": steps,
+                 "date": _dt.date.today().isoformat()},
+        "wall_step_s": wall_step_s,
+        "busy_step_s": busy,
+        "kernels_seen": sum(1 for r in rows if r["measured_s"] > 0),
+        "kernels": len(rows),
+        "roofline_s": sum(r["roofline_s"] for r in rows) if bandwidth else None,
+        "kinds": sorted(kinds.values(), key=lambda a: -a["measured_s"]),
+        "unmatched_step_s": sum(unmatched.values()),
+        "unmatched_ops": dict(sorted(unmatched.items(), key=lambda kv: -kv[1])[:top]),
+        "furthest": sorted(rows, key=lambda r: -gap(r))[:top],
+    }
+
+
+def _ms(t: float | None) -> str:
+    return "—" if t is None else f"{t * 1e3:.3f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+
+    def eff(measured: float, roofline: float | None) -> str:
+        return "—" if not roofline or not measured else f"{roofline / measured:.0%}"
+
+    lines = [
+        f"### Measured kernels of the train step — {meta['config']['name']} on "
+        f"{meta['device']}",
+        "",
+        f"{meta['date']} · {meta['steps']} profiled steps · {meta['source']} events · "
+        f"{report['kernels_seen']}/{report['kernels']} kernels seen · step "
+        f"{_ms(report['wall_step_s'])} ms wall, {_ms(report['busy_step_s'])} ms busy, "
+        f"roofline {_ms(report['roofline_s'])} ms · "
+        f"{_ms(report['unmatched_step_s'])} ms in events of no kernel of the step",
+        "",
+        "| kernel kind | kernels | measured ms | roofline ms | roofline / measured |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for a in report["kinds"]:
+        lines.append(f"| {a['kind']} | {a['count']} | {_ms(a['measured_s'])} | "
+                     f"{_ms(a['roofline_s'])} | {eff(a['measured_s'], a['roofline_s'])} |")
+    lines += ["", "| furthest from roofline | kind | MB | GFLOP | measured ms | roofline ms |",
+              "|---|---|---:|---:|---:|---:|"]
+    for r in report["furthest"]:
+        lines.append(f"| {r['name']} | {r['kind']} | {r['bytes'] / 1e6:,.1f} | "
+                     f"{r['flops'] / 1e9:,.2f} | {_ms(r['measured_s'])} | "
+                     f"{_ms(r['roofline_s'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="resnet18-b512-bf16")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--json", dest="json_path", default=None)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--trace-dir", default=None, help="keep the raw trace here")
+    args = p.parse_args(argv)
+    for flag in ("steps", "top"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    cfg = parse_config(args.config, args.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_dir = args.trace_dir or tmp
+        hlo, wall, device = _run_and_trace(cfg, args.steps, args.warmup, trace_dir)
+        paths = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+        if not paths:
+            raise SystemExit(f"the profiler wrote no *.xplane.pb under {trace_dir}")
+        per_op, source = device_time_per_op(paths[-1], module_name(hlo))
+    report = profile_report(parse_kernels(hlo), per_op, args.steps, wall, cfg, device,
+                            source, top=args.top)
+    text = render_markdown(report)
+    print(text, end="")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
