@@ -3,40 +3,52 @@
 Each top-level instruction of the ENTRY computation that does work (a fusion, a cuDNN or
 cuBLAS custom call, a copy, a convolution, ...) is one kernel. Its modeled HBM traffic is
 the bytes of its operands plus the bytes of its results: every kernel reads its inputs from
-device memory and writes its outputs back, which is what separate kernels must do. L2 hits
-are not modeled (an H100's 50 MB L2 holds less than one ResNet-18 stage-1 activation at
-batch 512), nor partial reads other than a fusion whose root is a slice (it reads what it
-returns). FLOPs are counted for convolutions (XLA ``convolution`` and cuDNN convolution
-custom calls, forward and both backward passes) and top-level ``dot``s; elementwise and
-reduction arithmetic is memory-bound and left at 0.
+device memory and writes its outputs back, which is what separate kernels must do.
+
+What the model leaves out:
+
+- L2 hits. An H100's 50 MB L2 holds less than one ResNet-18 stage-1 activation at batch
+  512, but the smaller later-stage tensors may partly hit it, so the traffic of those
+  kernels is an upper bound.
+- Partial reads, except for a fusion parameter that is only sliced: that costs the slices.
+- Control flow. A ``call``, ``while`` or ``conditional`` is counted as one kernel with its
+  own operands and results; its body is not expanded. The GPU programs here have none; the
+  CPU program's few are its random-number loops.
+
+FLOPs are counted for convolutions (XLA ``convolution`` and cuDNN convolution custom calls,
+forward and both backward passes), ``dot``s and cuBLAS GEMMs, also inside fusions.
+Element-wise and reduction arithmetic is memory-bound and left at 0.
+
+Malformed input raises ``ValueError``: an unknown element type, an unparsed instruction
+line or an undefined operand. Nothing is silently counted as 0 bytes.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-_ELEMENT_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
-    "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-    "f32": 4, "s32": 4, "u32": 4,
-    "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
+_ELEMENT_BITS = {
+    "pred": 8, "s4": 4, "u4": 4, "f4e2m1fn": 4, "s8": 8, "u8": 8,
+    "f8e4m3fn": 8, "f8e5m2": 8, "f8e4m3": 8, "f8e3m4": 8, "f8e4m3b11fnuz": 8,
+    "f8e4m3fnuz": 8, "f8e5m2fnuz": 8, "f8e8m0fnu": 8,
+    "bf16": 16, "f16": 16, "s16": 16, "u16": 16,
+    "f32": 32, "s32": 32, "u32": 32,
+    "f64": 64, "s64": 64, "u64": 64, "c64": 64, "c128": 128, "token": 0,
 }
-_ARRAY = re.compile(r"\b(" + "|".join(_ELEMENT_BYTES) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
 # Instructions that launch nothing: they name, alias or group buffers.
 _NO_KERNEL = frozenset(
     {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
      "opt-barrier", "partition-id", "replica-id"}
 )
-_CUDNN_CONV = {
-    "__cudnn$convForward": "forward",
-    "__cudnn$convBiasActivationForward": "forward",
-    "__cudnn$convBackwardInput": "backward_input",
-    "__cudnn$convBackwardFilter": "backward_filter",
-}
+# Ops a fusion parameter may pass through on its way to a slice without being read whole.
+_PASS_THROUGH = frozenset({"convert", "bitcast", "reshape"})
+_SLICES = frozenset({"slice", "dynamic-slice"})
 
 
 @dataclass(frozen=True)
@@ -52,140 +64,241 @@ class Kernel:
         return self.read_bytes + self.write_bytes
 
 
+@dataclass(frozen=True)
+class _Instruction:
+    name: str
+    result: str  # the result type, e.g. "bf16[8,32,32,64]{3,2,1,0}" or a tuple of them
+    op: str
+    operands: tuple[str, ...]
+    line: str
+
+
 def array_shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
     """Every ``dtype[d0,d1,...]`` array type in ``text`` (a tuple type gives several)."""
-    return [
-        (dtype, tuple(int(d) for d in dims.split(",") if d))
-        for dtype, dims in _ARRAY.findall(text)
-    ]
+    shapes = []
+    for dtype, dims in _ARRAY.findall(text):
+        if dtype not in _ELEMENT_BITS:
+            raise ValueError(f"unknown element type {dtype!r} in HLO type {text!r}")
+        shapes.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+    return shapes
 
 
 def shape_bytes(text: str) -> int:
-    return sum(_ELEMENT_BYTES[t] * math.prod(dims) for t, dims in array_shapes(text))
+    """Bytes of the arrays of an HLO type (a tuple type: all its arrays)."""
+    bits = sum(_ELEMENT_BITS[t] * math.prod(dims) for t, dims in array_shapes(text))
+    return (bits + 7) // 8
 
 
-def _operand_names(args: str) -> list[str]:
-    # The operand list ends at the first ")" that closes it; attributes follow.
-    return re.findall(r"%([\w.\-]+)", args.split(")", 1)[0])
+def _parse(lines: list[str], where: str) -> list[_Instruction]:
+    instructions = []
+    for line in lines:
+        stripped = line.strip()
+        if not stripped.startswith(("%", "ROOT ")):
+            continue
+        m = _INSTRUCTION.match(line)
+        if m is None:
+            raise ValueError(f"cannot parse this instruction of {where}: {stripped[:200]!r}")
+        name, result, op, rest = m.groups()
+        # The operand list ends at the first ")" that closes it; attributes follow.
+        operands = tuple(re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0]))
+        instructions.append(_Instruction(name, result, op, operands, line))
+    return instructions
 
 
-def _computations(text: str) -> dict[str, list[str]]:
-    """Instruction lines of each computation, by name; the entry one is ``"ENTRY"``."""
-    comps: dict[str, list[str]] = {}
+def _computations(text: str) -> dict[str, list[_Instruction]]:
+    """Instructions of each computation, by name; the entry one is ``"ENTRY"``."""
+    raw: dict[str, list[str]] = {}
     current = None
     for line in text.split("\n"):
         head = re.match(r"^(ENTRY )?%([\w.\-]+) ", line)
-        if head and not line.startswith(" "):
+        if head:
             current = "ENTRY" if head.group(1) else head.group(2)
-            comps[current] = []
+            raw[current] = []
         elif current is not None and line.startswith(" "):
-            comps[current].append(line)
-    return comps
+            raw[current].append(line)
+    if "ENTRY" not in raw:
+        raise ValueError("no 'ENTRY %name' computation in this HLO text")
+    return {name: _parse(lines, name) for name, lines in raw.items()}
 
 
-def _root_opcode(lines: list[str]) -> str | None:
-    for line in lines:
-        m = _INSTRUCTION.match(line)
-        if m and line.lstrip().startswith("ROOT "):
-            return m.group(3)
-    return None
+def _first_array(text: str) -> tuple[int, ...]:
+    shapes = array_shapes(text)
+    if not shapes:
+        raise ValueError(f"no array in HLO type {text!r}")
+    return shapes[0][1]
 
 
-def _arithmetic_flops(lines: list[str], shapes: dict[str, str] | None = None) -> int:
-    """FLOPs of the convolutions and dots among ``lines`` (one computation; ``shapes``: the
-    result types of its instructions seen so far)."""
-    shapes = {} if shapes is None else shapes
-    flops = 0
-    for line in lines:
-        m = _INSTRUCTION.match(line)
-        if m is None:
-            continue
-        name, result, op, rest = m.groups()
-        shapes[name] = result
-        if op == "convolution":
-            flops += _conv_flops(line, "forward", _operand_names(rest), result, shapes)
-        elif op == "dot":
-            flops += _dot_flops(line, _operand_names(rest), result, shapes)
-    return flops
-
-
-def _conv_flops(line: str, role: str, operands: list[str], result: str,
-                shapes: dict[str, str]) -> int:
+def _conv_flops(ins: _Instruction, role: str, types: dict[str, str]) -> int:
     """2 x (forward output elements) x (window elements) x (input features per group).
 
     ``role`` says where the forward convolution's output and kernel are: a forward conv
     returns its output and takes the kernel as operand 1; a filter gradient takes the
     forward output's gradient as operand 1 and returns the kernel; a data gradient takes
-    the output gradient as operand 0 and the kernel as operand 1.
+    the output gradient as operand 0 and the kernel as operand 1. ``dim_labels`` and
+    ``window`` describe the forward convolution in all three.
     """
-    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line)
-    window = re.search(r"window=\{size=([\dx]+)", line)
-    if labels is None or len(operands) < 2:
-        return 0
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.line)
+    if labels is None or len(ins.operands) < 2:
+        raise ValueError(f"convolution without dim_labels or operands: {ins.line[:200]!r}")
+    result = types[ins.name]
     if role == "forward":
-        out, kernel = result, shapes[operands[1]]
+        out, kernel = result, types[ins.operands[1]]
     elif role == "backward_filter":
-        out, kernel = shapes[operands[1]], result
+        out, kernel = types[ins.operands[1]], result
     else:
-        out, kernel = shapes[operands[0]], shapes[operands[1]]
-    (_, out_dims), (_, kernel_dims) = array_shapes(out)[0], array_shapes(kernel)[0]
+        out, kernel = types[ins.operands[0]], types[ins.operands[1]]
+    out_dims, kernel_dims = _first_array(out), _first_array(kernel)
     in_features = kernel_dims[labels.group(2).index("i")]
+    window = re.search(r"window=\{size=([\dx]+)", ins.line)
     window_elems = math.prod(int(s) for s in window.group(1).split("x")) if window else 1
-    # An XLA data gradient of a strided conv dilates its input with zeros: skip those taps.
-    dilation = re.search(r"lhs_dilate=([\dx]+)", line)
+    # An XLA data gradient of a strided conv dilates its input with zeros: skip those taps
+    # (exact when each input size is the stride times the output size, as in ResNets).
+    dilation = re.search(r"lhs_dilate=([\dx]+)", ins.line)
     skipped = math.prod(int(s) for s in dilation.group(1).split("x")) if dilation else 1
     return 2 * math.prod(out_dims) * window_elems * in_features // skipped
 
 
-def _dot_flops(line: str, operands: list[str], result: str, shapes: dict[str, str]) -> int:
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
-    if contracting is None or not operands:
-        return 0
-    (_, lhs), (_, out) = array_shapes(shapes[operands[0]])[0], array_shapes(result)[0]
-    k = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d)
-    return 2 * math.prod(out) * k
+def _contracted(lhs_type: str, dims: Iterable[str]) -> int:
+    lhs = _first_array(lhs_type)
+    return math.prod(lhs[int(d)] for d in dims)
+
+
+def _dot_flops(ins: _Instruction, types: dict[str, str]) -> int:
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.line)
+    dims = contracting.group(1).split(",") if contracting else []
+    k = _contracted(types[ins.operands[0]], [d for d in dims if d])
+    return 2 * math.prod(_first_array(types[ins.name])) * k
+
+
+def _gemm_flops(ins: _Instruction, types: dict[str, str]) -> int:
+    """A cuBLAS custom call: its contraction is in the JSON backend_config."""
+    config = re.search(r"backend_config=(\{.*\})\s*$", ins.line)
+    if config is None:
+        raise ValueError(f"cuBLAS call without backend_config: {ins.line[:200]!r}")
+    gemm = json.loads(config.group(1)).get("gemm_backend_config", {})
+    dims = gemm.get("dot_dimension_numbers", {}).get("lhs_contracting_dimensions", [])
+    k = _contracted(types[ins.operands[0]], dims)
+    return 2 * math.prod(_first_array(types[ins.name])) * k
+
+
+def _without_workspace(result: str) -> str:
+    """A library call's result less its trailing u8/s8 workspace (scratch, not traffic)."""
+    if result.startswith("("):
+        parts = re.split(r",\s*(?=(?:/\*index=\d+\*/)?[a-z][a-z0-9]*\[)", result[1:-1])
+        if len(parts) > 1 and re.match(r"(?:/\*index=\d+\*/)?[su]8\[\d+\]", parts[-1].strip()):
+            return "(" + ", ".join(parts[:-1]) + ")"
+    return result
+
+
+def _arithmetic_flops(body: list[_Instruction], comps: dict[str, list[_Instruction]],
+                      types: dict[str, str]) -> int:
+    """FLOPs of the convolutions, dots and GEMMs of ``body``, nested fusions included."""
+    flops = 0
+    for ins in body:
+        types.setdefault(ins.name, ins.result)
+        if ins.op == "convolution":
+            flops += _conv_flops(ins, "forward", types)
+        elif ins.op == "dot":
+            flops += _dot_flops(ins, types)
+        elif ins.op == "custom-call":
+            flops += _custom_call_flops(ins, types)
+        elif ins.op == "fusion":
+            callee = re.search(r"calls=%([\w.\-]+)", ins.line)
+            if callee:
+                flops += _arithmetic_flops(comps.get(callee.group(1), []), comps, {})
+    return flops
+
+
+def _custom_call_target(ins: _Instruction) -> str:
+    target = re.search(r'custom_call_target="([^"]+)"', ins.line)
+    return target.group(1) if target else "?"
+
+
+def _custom_call_flops(ins: _Instruction, types: dict[str, str]) -> int:
+    target = _custom_call_target(ins)
+    if target.startswith("__cudnn$conv"):
+        role = ("backward_input" if "BackwardInput" in target else
+                "backward_filter" if "BackwardFilter" in target else "forward")
+        return _conv_flops(ins, role, types)
+    if target.startswith("__cublas$"):
+        return _gemm_flops(ins, types)
+    return 0
+
+
+def _fusion_read_bytes(ins: _Instruction, body: list[_Instruction],
+                       types: dict[str, str]) -> int:
+    """Bytes a fusion reads: each operand whole, or only the slices taken of it."""
+    users: dict[str, list[_Instruction]] = {}
+    for b in body:
+        for o in b.operands:
+            users.setdefault(o, []).append(b)
+    params = {}
+    for b in body:
+        if b.op == "parameter":
+            params[int(re.search(r"parameter\((\d+)\)", b.line).group(1))] = b.name
+
+    def sliced_elements(name: str) -> int | None:
+        """Elements read through slices only, or None if ``name`` is read whole."""
+        if not users.get(name):  # the fusion's output (or unused): read whole
+            return None
+        total = 0
+        for u in users.get(name, []):
+            if u.op in _SLICES and u.operands[0] == name:
+                total += math.prod(_first_array(u.result))
+            elif u.op in _PASS_THROUGH:
+                inner = sliced_elements(u.name)
+                if inner is None:
+                    return None
+                total += inner
+            else:
+                return None
+        return total
+
+    read = 0
+    for i, operand in enumerate(ins.operands):
+        whole = shape_bytes(types[operand])
+        sliced = sliced_elements(params[i]) if i in params else None
+        if sliced is None:
+            read += whole
+        else:
+            (dtype, _), = array_shapes(types[operand])
+            read += min(whole, (sliced * _ELEMENT_BITS[dtype] + 7) // 8)
+    return read
 
 
 def parse_kernels(hlo_text: str) -> list[Kernel]:
     """The kernels of the ENTRY computation of an optimized HLO module, in program order."""
-    if "\nENTRY" not in hlo_text and not hlo_text.startswith("ENTRY"):
-        raise ValueError("no ENTRY computation in this HLO text")
     comps = _computations(hlo_text)
-    shapes: dict[str, str] = {}
+    types: dict[str, str] = {}
     kernels = []
-    for line in comps["ENTRY"]:
-        m = _INSTRUCTION.match(line)
-        if m is None:
+    for ins in comps["ENTRY"]:
+        types[ins.name] = ins.result
+        for o in ins.operands:
+            if o not in types:
+                raise ValueError(f"operand %{o} of %{ins.name} is not defined before it")
+        if ins.op in _NO_KERNEL:
             continue
-        name, result, op, rest = m.groups()
-        shapes[name] = result
-        if op in _NO_KERNEL:
-            continue
-        operands = _operand_names(rest)
-        read = sum(shape_bytes(shapes.get(o, "")) for o in operands)
-        write = shape_bytes(result)
+        read = sum(shape_bytes(types[o]) for o in ins.operands)
+        write = shape_bytes(ins.result)
         flops = 0
-        kind = op
-        if op == "custom-call":
-            target = re.search(r'custom_call_target="([^"]+)"', line)
-            target_name = target.group(1) if target else "?"
-            kind = target_name.rsplit("$", 1)[-1]
-            if target_name in _CUDNN_CONV:
-                # Results are (output, u8 workspace): the workspace is scratch, not traffic.
-                conv_out = result.split("u8[", 1)[0]
-                write = shape_bytes(conv_out)
-                flops = _conv_flops(line, _CUDNN_CONV[target_name], operands, conv_out, shapes)
-        elif op == "fusion":
-            fusion_kind = re.search(r"kind=(k\w+)", line)
+        kind = ins.op
+        if ins.op == "custom-call":
+            target = _custom_call_target(ins)
+            kind = target.rsplit("$", 1)[-1]
+            if target.startswith(("__cudnn$", "__cublas$")):
+                write = shape_bytes(_without_workspace(ins.result))
+            flops = _custom_call_flops(ins, types)
+        elif ins.op == "fusion":
+            fusion_kind = re.search(r"kind=(k\w+)", ins.line)
             kind = f"fusion:{fusion_kind.group(1) if fusion_kind else '?'}"
-            callee = re.search(r"calls=%([\w.\-]+)", line)
+            callee = re.search(r"calls=%([\w.\-]+)", ins.line)
             body = comps.get(callee.group(1), []) if callee else []
-            if _root_opcode(body) == "slice":
-                read = write
-            flops = _arithmetic_flops(body)
-        elif op in ("convolution", "dot"):
-            flops = _arithmetic_flops([line], shapes)
-        kernels.append(Kernel(name, kind, read, write, flops))
+            if body:
+                read = _fusion_read_bytes(ins, body, types)
+            flops = _arithmetic_flops(body, comps, {})
+        elif ins.op in ("convolution", "dot"):
+            flops = _arithmetic_flops([ins], comps, types)
+        kernels.append(Kernel(ins.name, kind, read, write, flops))
     return kernels
 
 

@@ -34,9 +34,11 @@ if __package__ in (None, ""):  # `python bench/kernel_profile.py`
 from bench.configs import BenchConfig, parse_config  # noqa: E402
 from bench.flops import lookup_hbm_tbs, lookup_peak_tflops  # noqa: E402
 from bench.hlo_kernels import Kernel, kernel_time, parse_kernels  # noqa: E402
+from bench.roofline import CIFAR_TRAIN_IMAGES  # noqa: E402
 
 
 def module_name(hlo_text: str) -> str:
+    """The name of an HLO module (what the profiler tags its events with)."""
     m = re.match(r"HloModule (\S+?),", hlo_text)
     if m is None:
         raise ValueError("no 'HloModule <name>,' header in this HLO text")
@@ -45,11 +47,13 @@ def module_name(hlo_text: str) -> str:
 
 def device_time_per_op(xplane_path: str, module: str) -> tuple[dict[str, float], str]:
     """Seconds of device time per HLO instruction of ``module`` in a trace, and where they
-    came from: ``device`` (the GPU's stream lines, the raw kernel records; derived lines
-    such as "XLA Ops" would count each kernel twice) or ``host`` (no device plane: CPU).
+    came from: ``device`` or ``host`` (no device plane: CPU).
 
-    Device kernels without an ``hlo_op`` tag (cuDNN's inner kernels, CUDA-graph replays)
-    are kept as ``?<kernel name>`` so that the busy time stays whole.
+    On a GPU only the device planes' ``Stream`` lines are read: they hold the raw kernel
+    records, while derived lines ("XLA Ops", "XLA Modules") would count each kernel again.
+    Stream kernels without an ``hlo_op`` tag (cuDNN's inner kernels, CUDA-graph replays)
+    are kept as ``?<kernel name>`` so that the busy time stays whole. An ``hlo_op`` event
+    without an ``hlo_module`` tag is taken to belong to the step (the only module run).
     """
     from jax.profiler import ProfileData
 
@@ -59,13 +63,20 @@ def device_time_per_op(xplane_path: str, module: str) -> tuple[dict[str, float],
     for plane in device_planes or planes:
         lines = list(plane.lines)
         if device_planes:
-            lines = [ln for ln in lines if ln.name.startswith("Stream")] or lines
+            lines = [ln for ln in lines if ln.name.startswith("Stream")]
+            if not lines:
+                raise SystemExit(
+                    f"device plane {plane.name!r} of {xplane_path} has no 'Stream' lines "
+                    f"(it has: {', '.join(ln.name for ln in plane.lines) or 'none'})"
+                )
         for line in lines:
             for event in line.events:
                 stats = dict(event.stats)
-                if "hlo_op" in stats and stats.get("hlo_module") == module:
+                if "hlo_op" in stats:
+                    if stats.get("hlo_module", module) != module:
+                        continue
                     op = str(stats["hlo_op"])
-                elif device_planes and "hlo_op" not in stats:
+                elif device_planes:
                     op = f"?{event.name}"
                 else:
                     continue
@@ -84,7 +95,8 @@ def _run_and_trace(cfg: BenchConfig, steps: int, warmup: int, trace_dir: str
     from flax_resnet import training as T
 
     train_cfg = train_config(cfg, "fast", None)
-    step, state, metrics, mesh = build_step(train_cfg, cfg.num_classes, 50_000 // cfg.batch)
+    steps_per_epoch = CIFAR_TRAIN_IMAGES // cfg.batch
+    step, state, metrics, mesh = build_step(train_cfg, cfg.num_classes, steps_per_epoch)
     rng = np.random.default_rng(0)
     images, labels = T.put_batch(
         mesh, cfg.batch,
@@ -112,6 +124,8 @@ def _run_and_trace(cfg: BenchConfig, steps: int, warmup: int, trace_dir: str
 def profile_report(kernels: list[Kernel], per_op: dict[str, float], steps: int,
                    wall_step_s: float, cfg: BenchConfig, device: str, source: str,
                    tf32: bool = True, top: int = 15) -> dict[str, Any]:
+    """Per kernel and kind: measured seconds per step (``per_op`` over ``steps``) against
+    the roofline; the kernels furthest from it; busy and wall time per step."""
     peak_tflops = lookup_peak_tflops(device, cfg.precision, tf32)
     hbm_tbs = lookup_hbm_tbs(device)
     peak = peak_tflops * 1e12 if peak_tflops else None
@@ -198,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", default=None)
     p.add_argument("--trace-dir", default=None, help="keep the raw trace here")
     args = p.parse_args(argv)
-    for flag in ("steps", "top"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        p.error(f"--warmup must be >= 0, got {args.warmup}")
-    cfg = parse_config(args.config, args.image_size)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    for flag in ("warmup", "top"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    try:
+        cfg = parse_config(args.config, args.image_size)
+    except ValueError as e:
+        p.error(str(e))
     with tempfile.TemporaryDirectory() as tmp:
         trace_dir = args.trace_dir or tmp
         hlo, wall, device = _run_and_trace(cfg, args.steps, args.warmup, trace_dir)
@@ -213,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         per_op, source = device_time_per_op(paths[-1], module_name(hlo))
     report = profile_report(parse_kernels(hlo), per_op, args.steps, wall, cfg, device,
                             source, top=args.top)
+    if report["kernels_seen"] == 0:
+        raise SystemExit(
+            f"no traced event was tagged with a kernel of module {module_name(hlo)!r} "
+            f"({source} events; untagged: {list(report['unmatched_ops'])[:5]})"
+        )
     text = render_markdown(report)
     print(text, end="")
     if args.json_path:
