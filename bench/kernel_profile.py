@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import glob
-import json
 import re
 import sys
 import tempfile
@@ -34,6 +33,7 @@ if __package__ in (None, ""):  # `python bench/kernel_profile.py`
 from bench.configs import BenchConfig, parse_config  # noqa: E402
 from bench.flops import lookup_hbm_tbs, lookup_peak_tflops  # noqa: E402
 from bench.hlo_kernels import Kernel, kernel_time, parse_kernels  # noqa: E402
+from bench.report import fmt_ms, save_report  # noqa: E402
 from bench.roofline import CIFAR_TRAIN_IMAGES  # noqa: E402
 
 
@@ -166,10 +166,6 @@ def profile_report(kernels: list[Kernel], per_op: dict[str, float], steps: int,
     }
 
 
-def _ms(t: float | None) -> str:
-    return "—" if t is None else f"{t * 1e3:.3f}"
-
-
 def render_markdown(report: dict[str, Any]) -> str:
     meta = report["meta"]
 
@@ -182,22 +178,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"{meta['date']} · {meta['steps']} profiled steps · {meta['source']} events · "
         f"{report['kernels_seen']}/{report['kernels']} kernels seen · step "
-        f"{_ms(report['wall_step_s'])} ms wall, {_ms(report['busy_step_s'])} ms busy, "
-        f"roofline {_ms(report['roofline_s'])} ms · "
-        f"{_ms(report['unmatched_step_s'])} ms in events of no kernel of the step",
+        f"{fmt_ms(report['wall_step_s'])} ms wall, {fmt_ms(report['busy_step_s'])} ms busy, "
+        f"roofline {fmt_ms(report['roofline_s'])} ms · "
+        f"{fmt_ms(report['unmatched_step_s'])} ms in events of no kernel of the step",
         "",
         "| kernel kind | kernels | measured ms | roofline ms | roofline / measured |",
         "|---|---:|---:|---:|---:|",
     ]
     for a in report["kinds"]:
-        lines.append(f"| {a['kind']} | {a['count']} | {_ms(a['measured_s'])} | "
-                     f"{_ms(a['roofline_s'])} | {eff(a['measured_s'], a['roofline_s'])} |")
+        lines.append(f"| {a['kind']} | {a['count']} | {fmt_ms(a['measured_s'])} | "
+                     f"{fmt_ms(a['roofline_s'])} | {eff(a['measured_s'], a['roofline_s'])} |")
     lines += ["", "| furthest from roofline | kind | MB | GFLOP | measured ms | roofline ms |",
               "|---|---|---:|---:|---:|---:|"]
     for r in report["furthest"]:
         lines.append(f"| {r['name']} | {r['kind']} | {r['bytes'] / 1e6:,.1f} | "
-                     f"{r['flops'] / 1e9:,.2f} | {_ms(r['measured_s'])} | "
-                     f"{_ms(r['roofline_s'])} |")
+                     f"{r['flops'] / 1e9:,.2f} | {fmt_ms(r['measured_s'])} | "
+                     f"{fmt_ms(r['roofline_s'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -237,10 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     text = render_markdown(report)
     print(text, end="")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(report, indent=1) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(text)
+    save_report(report, text, args.json_path, args.markdown)
     return 0
 
 

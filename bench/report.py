@@ -101,3 +101,20 @@ if __name__ == "__main__":  # python -m bench.report RESULTS.json  (re-render th
 
     with open(sys.argv[1]) as f:
         print(render_markdown(json.load(f)))
+
+
+def fmt_ms(seconds: float | None) -> str:
+    """Seconds as milliseconds with three decimals, or an em dash for unknown."""
+    return "—" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def save_report(report: dict[str, Any], markdown: str, json_path: str | None,
+                markdown_path: str | None) -> None:
+    """Write a report's JSON and its Markdown rendering where asked."""
+    import json
+    from pathlib import Path
+
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1) + "\n")
+    if markdown_path:
+        Path(markdown_path).write_text(markdown)

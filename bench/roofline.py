@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from bench.configs import BenchConfig, parse_config  # noqa: E402
 from bench.flops import lookup_hbm_tbs, lookup_peak_tflops, resnet_flops  # noqa: E402
 from bench.gpu_targets import GPU_TARGETS, target_config  # noqa: E402
 from bench.hlo_kernels import Kernel, by_kind, kernel_time, parse_kernels  # noqa: E402
+from bench.report import fmt_ms, save_report  # noqa: E402
 
 TARGETS = ("local", *GPU_TARGETS)
 CIFAR_TRAIN_IMAGES = 50_000
@@ -160,10 +160,6 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
     return report
 
 
-def _ms(t: float | None) -> str:
-    return "—" if t is None else f"{t * 1e3:.3f}"
-
-
 def render_markdown(report: dict[str, Any]) -> str:
     meta, tot, ceiling = report["meta"], report["totals"], report["ceiling"]
     lines = [
@@ -178,18 +174,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     for r in report["kinds"]:
         lines.append(
             f"| {r['kind']} | {r['count']} | {r['read_bytes'] / 1e6:,.1f} | "
-            f"{r['write_bytes'] / 1e6:,.1f} | {r['flops'] / 1e9:,.1f} | {_ms(r['roofline_s'])} |"
+            f"{r['write_bytes'] / 1e6:,.1f} | {r['flops'] / 1e9:,.1f} | {fmt_ms(r['roofline_s'])} |"
         )
     lines.append(
         f"| **total** | {tot['kernels']} | {tot['read_bytes'] / 1e6:,.1f} | "
         f"{tot['write_bytes'] / 1e6:,.1f} | {tot['conv_flops'] / 1e9:,.1f} | "
-        f"{_ms(tot['roofline_s'])} |"
+        f"{fmt_ms(tot['roofline_s'])} |"
     )
     lines.append("")
     if ceiling["images_per_s"]:
         mfu = f", MFU ≤ {ceiling['mfu']:.1%}" if ceiling["mfu"] else ""
         lines.append(
-            f"Roofline of this kernel list: {_ms(tot['roofline_s'])} ms per step, "
+            f"Roofline of this kernel list: {fmt_ms(tot['roofline_s'])} ms per step, "
             f"≤ {ceiling['images_per_s']:,.0f} img/s{mfu}."
         )
     if tot["unexpanded_control_flow"]:
@@ -201,7 +197,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if measured:
         share = measured["of_roofline"]
         lines.append(
-            f"Measured {measured['images_per_s']:,.0f} img/s ({_ms(measured['step_s'])} ms "
+            f"Measured {measured['images_per_s']:,.0f} img/s ({fmt_ms(measured['step_s'])} ms "
             f"per step)" + (f" = {share:.0%} of that ceiling." if share else ".")
         )
     return "\n".join(lines) + "\n"
@@ -263,12 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text, end="")
     for k in report["top"]:
         print(f"  {(k['read_bytes'] + k['write_bytes']) / 1e6:9.1f} MB  "
-              f"{k['flops'] / 1e9:8.1f} GFLOP  {_ms(k['roofline_s']):>7s} ms  "
+              f"{k['flops'] / 1e9:8.1f} GFLOP  {fmt_ms(k['roofline_s']):>7s} ms  "
               f"{k['kind']:20s} {k['name']}")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(report, indent=1) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(text)
+    save_report(report, text, args.json_path, args.markdown)
     return 0
 
 
