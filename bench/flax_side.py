@@ -61,14 +61,41 @@ def build_step(train_cfg: dict[str, Any], num_classes: int, steps_per_epoch: int
     return step, state, metrics, mesh
 
 
-def _cost_and_memory(step, *args) -> dict[str, Any]:
-    """XLA's own FLOP count and buffer-assignment peak for the compiled step (AOT, no run)."""
+def _roofline(hlo_text: str, precision: str, tf32: bool) -> dict[str, Any]:
+    """The compiled step's kernel count, modeled HBM traffic and, on a device with known
+    peaks, its roofline step time (bench/hlo_kernels.py; ``python -m bench.roofline``)."""
+    import jax
+
+    from bench.flops import lookup_hbm_tbs, lookup_peak_tflops
+    from bench.hlo_kernels import kernel_time, parse_kernels
+
+    kernels = parse_kernels(hlo_text)
+    device = str(getattr(jax.devices()[0], "device_kind", ""))
+    peak = lookup_peak_tflops(device, precision, tf32)
+    bandwidth = lookup_hbm_tbs(device)
+    roofline = None
+    if peak and bandwidth:
+        roofline = sum(kernel_time(k, peak * 1e12, bandwidth * 1e12) for k in kernels)
+    return {
+        "kernels": len(kernels),
+        "hbm_traffic_bytes": sum(k.bytes for k in kernels),
+        "roofline_step_s": roofline,
+    }
+
+
+def _cost_and_memory(step, *args, precision: str, tf32: bool) -> dict[str, Any]:
+    """XLA's own FLOP count and buffer-assignment peak for the compiled step (AOT, no run),
+    and its kernels against the roofline."""
     out: dict[str, Any] = {"flops_xla_per_step": None, "peak_mem_bytes": None}
     try:
         compiled = step.lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - diagnostics only
         out["xla_analysis_error"] = repr(e)[:300]
         return out
+    try:
+        out.update(_roofline(compiled.as_text(), precision, tf32))
+    except ValueError as e:  # an HLO the kernel model cannot read: say so, keep the run
+        out["roofline_error"] = repr(e)[:300]
     try:
         cost = compiled.cost_analysis()
         if isinstance(cost, (list, tuple)):
@@ -158,8 +185,12 @@ def run_job(
     result["bn_variance"] = bn_variance
     # After timing, so that the first call above really included the compilation.
     t = time.perf_counter()
-    result.update(_cost_and_memory(step, holder["state"], holder["metrics"], images, labels))
+    result.update(_cost_and_memory(step, holder["state"], holder["metrics"], images, labels,
+                                   precision=cfg.precision, tf32=tf32))
     result["xla_analysis_s"] = time.perf_counter() - t
+    if result.get("roofline_step_s"):
+        # Measured images/s over the ceiling batch / roofline_step_s.
+        result["of_roofline"] = result["images_per_s"] * result["roofline_step_s"] / cfg.batch
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         # Allocator high-water mark of this worker so far (cumulative over its jobs).

@@ -27,6 +27,31 @@ def ratio(results: dict[str, Any], num: str, den: str) -> float | None:
     return a["images_per_s"] / b["images_per_s"]
 
 
+def _roofline_table(run: dict[str, Any]) -> list[str]:
+    """Flax steps against the roofline of their compiled kernels (GPU runs only: it needs
+    the device's peak FLOP/s and bandwidth)."""
+    rows = []
+    for entry in run["results"]:
+        for fw in ("flax", "flax_twopass"):
+            r = entry["frameworks"].get(fw, {})
+            if r.get("ok") and r.get("roofline_step_s"):
+                ceiling = entry["config"]["batch"] / r["roofline_step_s"]
+                rows.append(
+                    f"| {entry['config']['name']} | {FRAMEWORK_LABELS[fw]} | {r['kernels']} | "
+                    f"{r['hbm_traffic_bytes'] / 1e9:.2f} | {r['roofline_step_s'] * 1e3:.3f} | "
+                    f"{ceiling:,.0f} | {r['images_per_s']:,.0f} | {r['of_roofline']:.0%} |"
+                )
+    if not rows:
+        return []
+    return [
+        "",
+        "| config | framework | kernels | modeled traffic GB | roofline step ms | "
+        "ceiling images/s | measured images/s | of the ceiling |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
+
+
 def render_markdown(run: dict[str, Any]) -> str:
     meta = run["meta"]
     rounds = meta.get("repeats", 1) > 1
@@ -83,6 +108,7 @@ def render_markdown(run: dict[str, Any]) -> str:
         if twopass:
             cells.append(_fmt(ratio(fws, "flax", "flax_twopass"), ".2f"))
         lines.append(f"| {entry['config']['name']} | " + " | ".join(cells) + " |")
+    lines += _roofline_table(run)
     notes = list(meta["notes"])
     if not meta.get("on_gpu") and meta.get("loadavg_start"):
         end = meta.get("loadavg_end") or ["?"]

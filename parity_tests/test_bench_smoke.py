@@ -81,6 +81,9 @@ def test_positive_numbers(bench_run: tuple[dict, str, str], framework: str) -> N
         assert r["step_source"] == "flax_resnet.training.make_train_step"
         assert r["peak_mem_bytes"] > 0
         assert r["flops_xla_per_step"] > 0
+        # The compiled step's kernels are read; the roofline needs a GPU's peaks.
+        assert r["kernels"] > 100 and r["hbm_traffic_bytes"] > 0
+        assert r["roofline_step_s"] is None and "of_roofline" not in r
 
 
 def test_markdown_table(bench_run: tuple[dict, str, str]) -> None:
@@ -90,6 +93,20 @@ def test_markdown_table(bench_run: tuple[dict, str, str]) -> None:
     assert f"| {CONFIG} | Flax NNX (jit) |" in md
     assert f"| {CONFIG} | PyTorch eager |" in md
     assert "Flax / eager" in md and "Flax / two-pass BN" in md
+
+
+def test_markdown_roofline_table_for_gpu_results(bench_run: tuple[dict, str, str]) -> None:
+    from bench.report import render_markdown
+
+    run, md, _ = bench_run
+    assert "of the ceiling" not in md  # CPU: no roofline
+    gpu = json.loads(json.dumps(run))
+    flax = gpu["results"][0]["frameworks"]["flax"]
+    flax.update(roofline_step_s=0.004, of_roofline=flax["images_per_s"] * 0.004 / 8)
+    table = render_markdown(gpu)
+    prefix = f"| {CONFIG} | Flax NNX (jit) | {flax['kernels']} |"
+    row = next(line for line in table.splitlines() if line.startswith(prefix))
+    assert f"| 4.000 | 2,000 | {flax['images_per_s']:,.0f} |" in row
 
 
 def test_flop_count_matches_torchvision() -> None:
