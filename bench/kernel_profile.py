@@ -84,6 +84,19 @@ def device_time_per_op(xplane_path: str, module: str) -> tuple[dict[str, float],
     return per_op, "device" if device_planes else "host"
 
 
+def traced_modules(xplane_path: str) -> set[str]:
+    """The ``hlo_module`` tags of a trace's events (to explain a trace that matched none)."""
+    from jax.profiler import ProfileData
+
+    return {
+        str(dict(event.stats)["hlo_module"])
+        for plane in ProfileData.from_file(xplane_path).planes
+        for line in plane.lines
+        for event in line.events
+        if "hlo_module" in dict(event.stats)
+    }
+
+
 def _run_and_trace(cfg: BenchConfig, steps: int, warmup: int, trace_dir: str
                    ) -> tuple[str, float, str]:
     """(optimized HLO, wall seconds per step untraced, device kind) after tracing ``steps``."""
@@ -224,13 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         if not paths:
             raise SystemExit(f"the profiler wrote no *.xplane.pb under {trace_dir}")
         per_op, source = device_time_per_op(paths[-1], module_name(hlo))
-    report = profile_report(parse_kernels(hlo), per_op, args.steps, wall, cfg, device,
-                            source, top=args.top)
-    if report["kernels_seen"] == 0:
-        raise SystemExit(
-            f"no traced event was tagged with a kernel of module {module_name(hlo)!r} "
-            f"({source} events; untagged: {list(report['unmatched_ops'])[:5]})"
-        )
+        report = profile_report(parse_kernels(hlo), per_op, args.steps, wall, cfg, device,
+                                source, top=args.top)
+        if report["kernels_seen"] == 0:
+            raise SystemExit(
+                f"no traced event was tagged with a kernel of module {module_name(hlo)!r} "
+                f"({source} events; modules traced: {sorted(traced_modules(paths[-1]))}; "
+                f"untagged kernels: {list(report['unmatched_ops'])[:5]})"
+            )
     text = render_markdown(report)
     print(text, end="")
     save_report(report, text, args.json_path, args.markdown)

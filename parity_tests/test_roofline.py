@@ -219,7 +219,7 @@ planes {
 def test_gpu_trace_counts_stream_kernels_once_and_only_of_the_step(tmp_path):
     from jax.profiler import ProfileData
 
-    from bench.kernel_profile import device_time_per_op
+    from bench.kernel_profile import device_time_per_op, traced_modules
 
     path = tmp_path / "t.xplane.pb"
     path.write_bytes(ProfileData.text_proto_to_serialized_xspace(GPU_TRACE))
@@ -228,3 +228,4 @@ def test_gpu_trace_counts_stream_kernels_once_and_only_of_the_step(tmp_path):
     assert per_op.keys() == {"loop_add_fusion", "?sm90_xmma_fprop_kernel"}
     assert math.isclose(per_op["loop_add_fusion"], 2e-6)
     assert math.isclose(per_op["?sm90_xmma_fprop_kernel"], 1e-6)
+    assert traced_modules(str(path)) == {"jit_step", "jit_other"}
