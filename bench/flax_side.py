@@ -66,16 +66,14 @@ def _roofline(hlo_text: str, precision: str, tf32: bool) -> dict[str, Any]:
     peaks, its roofline step time (bench/hlo_kernels.py; ``python -m bench.roofline``)."""
     import jax
 
-    from bench.flops import lookup_hbm_tbs, lookup_peak_tflops
-    from bench.hlo_kernels import kernel_time, parse_kernels
+    from bench.flops import device_rates
+    from bench.hlo_kernels import parse_kernels, roofline_time
 
     kernels = parse_kernels(hlo_text)
-    device = str(getattr(jax.devices()[0], "device_kind", ""))
-    peak = lookup_peak_tflops(device, precision, tf32)
-    bandwidth = lookup_hbm_tbs(device)
-    roofline = None
-    if peak and bandwidth:
-        roofline = sum(kernel_time(k, peak * 1e12, bandwidth * 1e12) for k in kernels)
+    rates = device_rates(str(getattr(jax.devices()[0], "device_kind", "")), precision, tf32)
+    # Both peaks, so that bench tables never mix bandwidth-only ceilings with full ones.
+    roofline = (roofline_time(kernels, rates.flops_per_s, rates.bytes_per_s)
+                if rates.flops_per_s else None)
     return {
         "kernels": len(kernels),
         "hbm_traffic_bytes": sum(k.bytes for k in kernels),

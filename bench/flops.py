@@ -134,3 +134,25 @@ def lookup_hbm_tbs(device_name: str) -> float | None:
         if key.upper() in name:
             return tbs
     return None
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """A device's datasheet peaks for one precision; None where unknown (CPU, other GPUs)."""
+
+    peak_tflops: float | None
+    hbm_tbs: float | None
+
+    @property
+    def flops_per_s(self) -> float | None:
+        return self.peak_tflops * 1e12 if self.peak_tflops else None
+
+    @property
+    def bytes_per_s(self) -> float | None:
+        return self.hbm_tbs * 1e12 if self.hbm_tbs else None
+
+
+def device_rates(device_name: str, precision: str, tf32: bool) -> DeviceRates:
+    """Peak FLOP/s for ``precision`` (see ``compute_class``) and HBM bandwidth of a device."""
+    return DeviceRates(lookup_peak_tflops(device_name, precision, tf32),
+                       lookup_hbm_tbs(device_name))

@@ -322,6 +322,15 @@ def kernel_time(k: Kernel, peak_flops: float | None, bandwidth: float | None) ->
     return t
 
 
+def roofline_time(kernels: Iterable[Kernel], peak_flops: float | None,
+                  bandwidth: float | None) -> float | None:
+    """The sum of the kernels' roofline times (they run one after another), or None
+    without a bandwidth."""
+    if bandwidth is None:
+        return None
+    return sum(kernel_time(k, peak_flops, bandwidth) for k in kernels)
+
+
 def by_kind(kernels: Iterable[Kernel], peak_flops: float | None,
             bandwidth: float | None) -> list[KindTotal]:
     """Totals per kernel kind, largest traffic first."""

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # `python bench/kernel_profile.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.configs import BenchConfig, parse_config  # noqa: E402
-from bench.flops import lookup_hbm_tbs, lookup_peak_tflops  # noqa: E402
+from bench.flops import device_rates  # noqa: E402
 from bench.hlo_kernels import Kernel, kernel_time, parse_kernels  # noqa: E402
 from bench.report import fmt_ms, save_report  # noqa: E402
 from bench.roofline import CIFAR_TRAIN_IMAGES  # noqa: E402
@@ -139,10 +139,8 @@ def profile_report(kernels: list[Kernel], per_op: dict[str, float], steps: int,
                    tf32: bool = True, top: int = 15) -> dict[str, Any]:
     """Per kernel and kind: measured seconds per step (``per_op`` over ``steps``) against
     the roofline; the kernels furthest from it; busy and wall time per step."""
-    peak_tflops = lookup_peak_tflops(device, cfg.precision, tf32)
-    hbm_tbs = lookup_hbm_tbs(device)
-    peak = peak_tflops * 1e12 if peak_tflops else None
-    bandwidth = hbm_tbs * 1e12 if hbm_tbs else None
+    rates = device_rates(device, cfg.precision, tf32)
+    peak, bandwidth = rates.flops_per_s, rates.bytes_per_s
     names = {k.name for k in kernels}
     rows = []
     for k in kernels:
@@ -165,7 +163,7 @@ def profile_report(kernels: list[Kernel], per_op: dict[str, float], steps: int,
         lambda r: r["measured_s"])
     return {
         "meta": {"config": cfg.to_dict(), "device": device, "source": source,
-                 "peak_tflops": peak_tflops, "hbm_tbs": hbm_tbs, "steps": steps,
+                 "peak_tflops": rates.peak_tflops, "hbm_tbs": rates.hbm_tbs, "steps": steps,
                  "date": _dt.date.today().isoformat()},
         "wall_step_s": wall_step_s,
         "busy_step_s": busy,

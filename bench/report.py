@@ -121,14 +121,6 @@ def render_markdown(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m bench.report RESULTS.json  (re-render the table)
-    import json
-    import sys
-
-    with open(sys.argv[1]) as f:
-        print(render_markdown(json.load(f)))
-
-
 def fmt_ms(seconds: float | None) -> str:
     """Seconds as milliseconds with three decimals, or an em dash for unknown."""
     return "—" if seconds is None else f"{seconds * 1e3:.3f}"
@@ -144,3 +136,11 @@ def save_report(report: dict[str, Any], markdown: str, json_path: str | None,
         Path(json_path).write_text(json.dumps(report, indent=1) + "\n")
     if markdown_path:
         Path(markdown_path).write_text(markdown)
+
+
+if __name__ == "__main__":  # python -m bench.report RESULTS.json  (re-render the table)
+    import json
+    import sys
+
+    with open(sys.argv[1]) as f:
+        print(render_markdown(json.load(f)))

@@ -30,9 +30,15 @@ if __package__ in (None, ""):  # `python bench/roofline.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.configs import BenchConfig, parse_config  # noqa: E402
-from bench.flops import lookup_hbm_tbs, lookup_peak_tflops, resnet_flops  # noqa: E402
+from bench.flops import device_rates, resnet_flops  # noqa: E402
 from bench.gpu_targets import GPU_TARGETS, target_config  # noqa: E402
-from bench.hlo_kernels import Kernel, by_kind, kernel_time, parse_kernels  # noqa: E402
+from bench.hlo_kernels import (  # noqa: E402
+    Kernel,
+    by_kind,
+    kernel_time,
+    parse_kernels,
+    roofline_time,
+)
 from bench.report import fmt_ms, save_report  # noqa: E402
 
 TARGETS = ("local", *GPU_TARGETS)
@@ -111,15 +117,13 @@ def compiled_step_hlo(cfg: BenchConfig, target: str, recipe: str = "fast",
 def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = True,
             measured_img_s: float | None = None, top: int = 10) -> dict[str, Any]:
     """The report (JSON-able) of a step's kernels on ``device``."""
-    peak_tflops = lookup_peak_tflops(device, cfg.precision, tf32)
-    hbm_tbs = lookup_hbm_tbs(device)
-    peak = peak_tflops * 1e12 if peak_tflops else None
-    bandwidth = hbm_tbs * 1e12 if hbm_tbs else None
+    rates = device_rates(device, cfg.precision, tf32)
+    peak, bandwidth = rates.flops_per_s, rates.bytes_per_s
     flops = resnet_flops(cfg.depth, stem=cfg.stem, width=cfg.width,
                          num_classes=cfg.num_classes, image_size=cfg.image_size)
     model_flops_step = flops.train_per_image * cfg.batch
     times = [kernel_time(k, peak, bandwidth) for k in kernels]
-    roofline_s = None if bandwidth is None else sum(times)
+    roofline_s = roofline_time(kernels, peak, bandwidth)
     totals = {
         "kernels": len(kernels),
         "read_bytes": sum(k.read_bytes for k in kernels),
@@ -136,8 +140,8 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
     ranked = sorted(zip(kernels, times, strict=True), key=lambda kt: -kt[0].bytes)
     report = {
         "meta": {
-            "config": cfg.to_dict(), "device": device, "peak_tflops": peak_tflops,
-            "hbm_tbs": hbm_tbs, "tf32": tf32,
+            "config": cfg.to_dict(), "device": device, "peak_tflops": rates.peak_tflops,
+            "hbm_tbs": rates.hbm_tbs, "tf32": tf32,
             "date": _dt.date.today().isoformat(),
             "model_flops_per_step": model_flops_step,
         },

@@ -650,6 +650,10 @@ class EvalStep:
     def __call__(self, *args: Any) -> dict:
         return self.fn(*args)
 
+    def zero_metrics(self, mesh: Mesh) -> dict[str, jax.Array]:
+        """This step's accumulators, zero, replicated on ``mesh``."""
+        return replicate(jax.device_get(eval_zero_metrics(self.flip)), mesh)
+
 
 def make_eval_step(
     eval_graphdef: Any,
@@ -731,7 +735,7 @@ def compile_steps(
         state_like, _like(replicate_metrics(None, mesh)), *batch(batch_size)).compile()
     evaluate = eval_step.fn.lower(
         state_like.params, state_like.batch_stats,
-        _like(replicate(jax.device_get(eval_zero_metrics(eval_step.flip)), mesh)),
+        _like(eval_step.zero_metrics(mesh)),
         *batch(eval_batch_size),
         jax.ShapeDtypeStruct((eval_batch_size,), jnp.float32, sharding=rows),
     ).compile()
@@ -799,7 +803,7 @@ def evaluate(
     last batch is padded and masked."""
     n = len(split)
     rows = process_rows(mesh, batch_size)
-    metrics = replicate(jax.device_get(eval_zero_metrics(eval_step.flip)), mesh)
+    metrics = eval_step.zero_metrics(mesh)
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)[rows]
         valid = idx < n

@@ -257,15 +257,14 @@ def evaluate(
     if isinstance(model, nn.Module):
         model.eval()
     losses, hits, hits_flip, count = [], [], [], 0
-    with torch.no_grad():
-        for images, labels in batches:
-            logits = model(images).float()
-            losses.append(F.cross_entropy(logits, labels, reduction="sum").double())
-            hits.append((logits.argmax(1) == labels).sum())
-            if flip:
-                both = logits + model(images.flip(3)).float()  # NCHW: dim 3 is the width
-                hits_flip.append((both.argmax(1) == labels).sum())
-            count += int(labels.shape[0])
+    for images, labels in batches:
+        logits = model(images).float()
+        losses.append(F.cross_entropy(logits, labels, reduction="sum").double())
+        hits.append((logits.argmax(1) == labels).sum())
+        if flip:
+            both = logits + model(images.flip(3)).float()  # NCHW: dim 3 is the width
+            hits_flip.append((both.argmax(1) == labels).sum())
+        count += int(labels.shape[0])
     n = max(count, 1)
     out = {"loss": float(sum(losses, 0.0)) / n, "acc": int(sum(hits, 0)) / n, "count": count}
     if flip:
