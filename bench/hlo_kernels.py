@@ -25,10 +25,11 @@ line or an undefined operand. Nothing is silently counted as 0 bytes.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 _ELEMENT_BITS = {
@@ -323,12 +324,45 @@ def kernel_time(k: Kernel, peak_flops: float | None, bandwidth: float | None) ->
 
 
 def roofline_time(kernels: Iterable[Kernel], peak_flops: float | None,
-                  bandwidth: float | None) -> float | None:
+                  bandwidth: float | None, floor_s: float = 0.0) -> float | None:
     """The sum of the kernels' roofline times (they run one after another), or None
-    without a bandwidth."""
+    without a bandwidth.
+
+    With ``floor_s``, no kernel takes less than that: a launch, however small the kernel,
+    occupies the GPU for a few microseconds (fill, drain and the gap to the next one).
+    """
     if bandwidth is None:
         return None
-    return sum(kernel_time(k, peak_flops, bandwidth) for k in kernels)
+    if floor_s < 0:
+        raise ValueError(f"floor_s must be >= 0, got {floor_s}")
+    return sum(max(kernel_time(k, peak_flops, bandwidth), floor_s) for k in kernels)
+
+
+def by_size(kernels: Iterable[Kernel], peak_flops: float | None, bandwidth: float,
+            edges_s: Sequence[float],
+            measured_s: Sequence[float] | None = None) -> list[dict[str, float]]:
+    """Kernels binned by roofline time: ``[edges_s[i], edges_s[i+1])``, the last bin open.
+
+    Each bin has its lower edge ``from_s`` (the upper is the next bin's), ``count`` and
+    ``roofline_s`` (their sum); with ``measured_s`` (per kernel, in ``kernels``' order) also
+    ``measured_s``, the sum of their measured times.
+    """
+    edges = list(edges_s)
+    if not edges or edges[0] != 0 or edges != sorted(set(edges)):
+        raise ValueError(f"edges_s must rise strictly from 0, got {edges}")
+    kernels = list(kernels)
+    if measured_s is not None and len(measured_s) != len(kernels):
+        raise ValueError(f"{len(measured_s)} measured times for {len(kernels)} kernels")
+    bins = [{"from_s": e, "count": 0, "roofline_s": 0.0,
+             **({} if measured_s is None else {"measured_s": 0.0})} for e in edges]
+    for i, k in enumerate(kernels):
+        t = kernel_time(k, peak_flops, bandwidth)
+        b = bins[bisect.bisect_right(edges, t) - 1]
+        b["count"] += 1
+        b["roofline_s"] += t
+        if measured_s is not None:
+            b["measured_s"] += measured_s[i]
+    return bins
 
 
 def by_kind(kernels: Iterable[Kernel], peak_flops: float | None,

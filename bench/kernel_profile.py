@@ -32,9 +32,9 @@ if __package__ in (None, ""):  # `python bench/kernel_profile.py`
 
 from bench.configs import BenchConfig, parse_config  # noqa: E402
 from bench.flops import device_rates  # noqa: E402
-from bench.hlo_kernels import Kernel, kernel_time, parse_kernels  # noqa: E402
-from bench.report import fmt_ms, save_report  # noqa: E402
-from bench.roofline import CIFAR_TRAIN_IMAGES  # noqa: E402
+from bench.hlo_kernels import Kernel, by_size, kernel_time, parse_kernels  # noqa: E402
+from bench.report import fmt_ms, save_report, size_bin_labels  # noqa: E402
+from bench.roofline import CIFAR_TRAIN_IMAGES, SIZE_EDGES_US  # noqa: E402
 
 
 def module_name(hlo_text: str) -> str:
@@ -174,6 +174,10 @@ def profile_report(kernels: list[Kernel], per_op: dict[str, float], steps: int,
         "unmatched_step_s": sum(unmatched.values()),
         "unmatched_ops": dict(sorted(unmatched.items(), key=lambda kv: -kv[1])[:top]),
         "furthest": sorted(rows, key=lambda r: -gap(r))[:top],
+        # Measured time by roofline size: what a sub-microsecond kernel really costs,
+        # against the launch floors that bench.roofline assumes.
+        "by_size": by_size(kernels, peak, bandwidth, [e * 1e-6 for e in SIZE_EDGES_US],
+                           [r["measured_s"] for r in rows]) if bandwidth else [],
     }
 
 
@@ -199,6 +203,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     for a in report["kinds"]:
         lines.append(f"| {a['kind']} | {a['count']} | {fmt_ms(a['measured_s'])} | "
                      f"{fmt_ms(a['roofline_s'])} | {eff(a['measured_s'], a['roofline_s'])} |")
+    sizes = report.get("by_size")
+    if sizes:
+        idle = report["wall_step_s"] - report["busy_step_s"]
+        lines += ["", "| kernel roofline time | kernels | measured ms | roofline ms | "
+                  "measured µs per kernel |", "|---|---:|---:|---:|---:|"]
+        for b, span in zip(sizes, size_bin_labels(sizes), strict=True):
+            per = f"{b['measured_s'] / b['count'] * 1e6:.2f}" if b["count"] else "—"
+            lines.append(f"| {span} | {b['count']} | {fmt_ms(b['measured_s'])} | "
+                         f"{fmt_ms(b['roofline_s'])} | {per} |")
+        lines.append(f"\nIdle between kernels: {fmt_ms(idle)} ms per step, "
+                     f"{idle / report['kernels'] * 1e6:.2f} µs per kernel of the step.")
     lines += ["", "| furthest from roofline | kind | MB | GFLOP | measured ms | roofline ms |",
               "|---|---|---:|---:|---:|---:|"]
     for r in report["furthest"]:

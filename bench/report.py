@@ -126,6 +126,13 @@ def fmt_ms(seconds: float | None) -> str:
     return "—" if seconds is None else f"{seconds * 1e3:.3f}"
 
 
+def size_bin_labels(bins: list[dict[str, Any]]) -> list[str]:
+    """``a–b µs`` for each bin of ``hlo_kernels.by_size``, ``≥ a µs`` for the last."""
+    edges = [f"{b['from_s'] * 1e6:g}" for b in bins]
+    return [f"{lo}–{hi} µs" for lo, hi in zip(edges[:-1], edges[1:], strict=True)] + [
+        f"≥ {edges[-1]} µs"]
+
+
 def save_report(report: dict[str, Any], markdown: str, json_path: str | None,
                 markdown_path: str | None) -> None:
     """Write a report's JSON and its Markdown rendering where asked."""

@@ -35,15 +35,21 @@ from bench.gpu_targets import GPU_TARGETS, target_config  # noqa: E402
 from bench.hlo_kernels import (  # noqa: E402
     Kernel,
     by_kind,
+    by_size,
     kernel_time,
     parse_kernels,
     roofline_time,
 )
-from bench.report import fmt_ms, save_report  # noqa: E402
+from bench.report import fmt_ms, save_report, size_bin_labels  # noqa: E402
 
 TARGETS = ("local", *GPU_TARGETS)
 CIFAR_TRAIN_IMAGES = 50_000
 CONTROL_FLOW = ("call", "while", "conditional")
+# Kernels binned by roofline time, and the ceiling again with every kernel taking at least
+# a launch floor: hundreds of sub-microsecond kernels (per-layer scalar and per-channel
+# updates, second passes of split reductions) cost their launch, not their bytes.
+SIZE_EDGES_US = (0, 1, 3, 10, 30)
+LAUNCH_FLOORS_US = (1, 2, 3, 5)
 
 
 def _prepare_deviceless() -> None:
@@ -138,6 +144,14 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
         if peak:
             ceiling["mfu"] = model_flops_step / roofline_s / peak
     ranked = sorted(zip(kernels, times, strict=True), key=lambda kt: -kt[0].bytes)
+    sizes, floors = [], []
+    if bandwidth:
+        sizes = by_size(kernels, peak, bandwidth, [e * 1e-6 for e in SIZE_EDGES_US])
+        for floor_us in LAUNCH_FLOORS_US:
+            t = roofline_time(kernels, peak, bandwidth, floor_s=floor_us * 1e-6)
+            floors.append({"floor_s": floor_us * 1e-6, "roofline_s": t,
+                           "images_per_s": cfg.batch / t,
+                           "mfu": model_flops_step / t / peak if peak else None})
     report = {
         "meta": {
             "config": cfg.to_dict(), "device": device, "peak_tflops": rates.peak_tflops,
@@ -148,6 +162,8 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
         "kinds": [vars(r) for r in by_kind(kernels, peak, bandwidth)],
         "totals": totals,
         "ceiling": ceiling,
+        "by_size": sizes,
+        "launch_floor": floors,
         "top": [
             {"name": k.name, "kind": k.kind, "read_bytes": k.read_bytes,
              "write_bytes": k.write_bytes, "flops": k.flops, "roofline_s": t}
@@ -197,6 +213,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{tot['unexpanded_control_flow']} control-flow kernels (call/while/conditional) "
             "are counted by their own operands and results; their bodies are not expanded."
         )
+    lines += _size_tables(report)
     measured = report.get("measured")
     if measured:
         share = measured["of_roofline"]
@@ -205,6 +222,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"per step)" + (f" = {share:.0%} of that ceiling." if share else ".")
         )
     return "\n".join(lines) + "\n"
+
+
+def _size_tables(report: dict[str, Any]) -> list[str]:
+    sizes, floors = report.get("by_size"), report.get("launch_floor")
+    if not sizes:
+        return []
+    lines = ["", "| kernel roofline time | kernels | roofline ms |", "|---|---:|---:|"]
+    for b, span in zip(sizes, size_bin_labels(sizes), strict=True):
+        lines.append(f"| {span} | {b['count']} | {fmt_ms(b['roofline_s'])} |")
+    lines += ["", "| every kernel at least | step ms | ≤ img/s | MFU ≤ |", "|---|---:|---:|---:|"]
+    for f in floors:
+        mfu = f"{f['mfu']:.1%}" if f["mfu"] else "—"
+        lines.append(f"| {f['floor_s'] * 1e6:g} µs | {fmt_ms(f['roofline_s'])} | "
+                     f"{f['images_per_s']:,.0f} | {mfu} |")
+    return [*lines, ""]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

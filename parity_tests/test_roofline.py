@@ -23,8 +23,8 @@ import pytest
 
 from bench.configs import parse_config
 from bench.flops import lookup_hbm_tbs, resnet_flops
-from bench.hlo_kernels import parse_kernels
-from bench.roofline import analyze, compiled_step_hlo, main
+from bench.hlo_kernels import by_size, parse_kernels, roofline_time
+from bench.roofline import SIZE_EDGES_US, analyze, compiled_step_hlo, main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "resnet18w0.125-b8-bf16.h100.hlo.gz"
 TINY = "resnet18w0.125-b8"
@@ -155,6 +155,64 @@ def test_roofline_is_the_sum_of_per_kernel_maxima(tmp_path):
     assert main(["--from-hlo", str(hlo), "--device", "NVIDIA H100 80GB HBM3",
                  "--config", f"{TINY}-bf16", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["totals"] == report["totals"]
+
+
+def test_size_bins_and_launch_floors_recount_the_same_kernels():
+    cfg = parse_config(f"{TINY}-bf16")
+    kernels = parse_kernels(gzip.open(FIXTURE, "rt").read())
+    report = analyze(kernels, cfg, "NVIDIA H100 80GB HBM3")
+    peak, bw = 989e12, 3.35e12
+    times = [max(k.flops / peak, k.bytes / bw) for k in kernels]
+    bins = report["by_size"]
+    assert [b["from_s"] for b in bins] == [e * 1e-6 for e in SIZE_EDGES_US]
+    assert sum(b["count"] for b in bins) == len(kernels)
+    for b, hi in zip(bins, [*(x["from_s"] for x in bins[1:]), math.inf], strict=True):
+        inside = [t for t in times if b["from_s"] <= t < hi]
+        assert b["count"] == len(inside)
+        assert math.isclose(b["roofline_s"], sum(inside), rel_tol=1e-9, abs_tol=1e-15)
+    # This tiny model's kernels are almost all below a microsecond: a floor dominates.
+    assert bins[0]["count"] > len(kernels) / 2
+    previous = report["totals"]["roofline_s"]
+    for f in report["launch_floor"]:
+        expected = sum(max(t, f["floor_s"]) for t in times)
+        assert math.isclose(f["roofline_s"], expected, rel_tol=1e-12)
+        assert f["roofline_s"] > previous
+        assert math.isclose(f["images_per_s"], 8 / expected, rel_tol=1e-12)
+        previous = f["roofline_s"]
+
+
+def test_size_bins_reject_bad_edges_and_misaligned_measurements():
+    kernels = parse_kernels(gzip.open(FIXTURE, "rt").read())
+    for edges in ([], [1e-6, 3e-6], [0, 3e-6, 1e-6], [0, 1e-6, 1e-6]):
+        with pytest.raises(ValueError, match="edges_s"):
+            by_size(kernels, 989e12, 3.35e12, edges)
+    with pytest.raises(ValueError, match="measured times"):
+        by_size(kernels, 989e12, 3.35e12, [0, 1e-6], measured_s=[0.0])
+    with pytest.raises(ValueError, match="floor_s"):
+        roofline_time(kernels, 989e12, 3.35e12, floor_s=-1e-6)
+
+
+def test_profile_report_bins_measured_time_by_roofline_size():
+    from bench.kernel_profile import profile_report, render_markdown
+
+    cfg = parse_config(f"{TINY}-bf16")
+    kernels = parse_kernels(gzip.open(FIXTURE, "rt").read())
+    # As if every kernel had run for 2 us + 1 ns per byte, with one idle microsecond
+    # after each (wall = busy + 1 us per kernel), over 3 steps.
+    per_op = {k.name: 3 * (2e-6 + k.bytes * 1e-9) for k in kernels}
+    busy = sum(per_op.values()) / 3
+    report = profile_report(kernels, per_op, 3, busy + len(kernels) * 1e-6, cfg,
+                            "NVIDIA H100 80GB HBM3", "device")
+    bins = report["by_size"]
+    assert sum(b["count"] for b in bins) == len(kernels)
+    assert math.isclose(sum(b["measured_s"] for b in bins), busy, rel_tol=1e-9)
+    small = [k for k in kernels if max(k.flops / 989e12, k.bytes / 3.35e12) < 1e-6]
+    assert bins[0]["count"] == len(small)
+    assert math.isclose(bins[0]["measured_s"], sum(2e-6 + k.bytes * 1e-9 for k in small),
+                        rel_tol=1e-9)
+    text = render_markdown(report)
+    assert (f"Idle between kernels: {len(kernels) * 1e-3:.3f} ms per step, 1.00 µs per kernel"
+            in text)
 
 
 def test_from_hlo_needs_a_device_name(capsys):
