@@ -22,7 +22,10 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
+import re
 import sys
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +147,10 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
         if peak:
             ceiling["mfu"] = model_flops_step / roofline_s / peak
     ranked = sorted(zip(kernels, times, strict=True), key=lambda kt: -kt[0].bytes)
-    sizes, floors = [], []
+    sizes, floors, tiny = [], [], []
     if bandwidth:
+        tiny = _commonest(k for k, t in zip(kernels, times, strict=True)
+                          if t < SIZE_EDGES_US[1] * 1e-6)
         sizes = by_size(kernels, peak, bandwidth, [e * 1e-6 for e in SIZE_EDGES_US])
         for floor_us in LAUNCH_FLOORS_US:
             t = roofline_time(kernels, peak, bandwidth, floor_s=floor_us * 1e-6)
@@ -164,6 +169,7 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
         "ceiling": ceiling,
         "by_size": sizes,
         "launch_floor": floors,
+        "sub_microsecond": tiny,
         "top": [
             {"name": k.name, "kind": k.kind, "read_bytes": k.read_bytes,
              "write_bytes": k.write_bytes, "flops": k.flops, "roofline_s": t}
@@ -178,6 +184,13 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
                             if ceiling["images_per_s"] else None),
         }
     return report
+
+
+def _commonest(kernels: Iterable[Kernel], top: int = 8) -> list[dict[str, Any]]:
+    """Kernels grouped by kind and name without XLA's numeric suffix, most frequent first."""
+    groups = Counter((k.kind, re.sub(r"\.\d+$", "", k.name)) for k in kernels)
+    return [{"kind": kind, "name": name, "count": n}
+            for (kind, name), n in groups.most_common(top)]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -236,6 +249,10 @@ def _size_tables(report: dict[str, Any]) -> list[str]:
         mfu = f"{f['mfu']:.1%}" if f["mfu"] else "—"
         lines.append(f"| {f['floor_s'] * 1e6:g} µs | {fmt_ms(f['roofline_s'])} | "
                      f"{f['images_per_s']:,.0f} | {mfu} |")
+    tiny = report.get("sub_microsecond")
+    if tiny:
+        lines += ["", "Commonest kernels under 1 µs: " + ", ".join(
+            f"{t['count']} × {t['name']} ({t['kind']})" for t in tiny) + "."]
     return [*lines, ""]
 
 

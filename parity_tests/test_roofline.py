@@ -181,6 +181,22 @@ def test_size_bins_and_launch_floors_recount_the_same_kernels():
         previous = f["roofline_s"]
 
 
+def test_sub_microsecond_kernels_are_grouped_by_name_without_suffix():
+    from bench.hlo_kernels import Kernel
+
+    kernels = [Kernel("loop_add_fusion", "fusion:kLoop", 4, 4, 0),
+               Kernel("loop_add_fusion.7", "fusion:kLoop", 4, 4, 0),
+               Kernel("copy.12", "copy", 8, 8, 0),
+               Kernel("loop_add_fusion.3", "fusion:kLoop", 4, 4, 0),
+               Kernel("big_fusion.1", "fusion:kLoop", 10**9, 10**9, 0)]
+    report = analyze(kernels, parse_config(f"{TINY}-bf16"), "NVIDIA H100 80GB HBM3")
+    assert report["sub_microsecond"] == [
+        {"kind": "fusion:kLoop", "name": "loop_add_fusion", "count": 3},
+        {"kind": "copy", "name": "copy", "count": 1},
+    ]
+    assert report["by_size"][0]["count"] == 4 and report["by_size"][-1]["count"] == 1
+
+
 def test_size_bins_reject_bad_edges_and_misaligned_measurements():
     kernels = parse_kernels(gzip.open(FIXTURE, "rt").read())
     for edges in ([], [1e-6, 3e-6], [0, 3e-6, 1e-6], [0, 1e-6, 1e-6]):
