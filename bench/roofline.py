@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # `python bench/roofline.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.configs import BenchConfig, parse_config  # noqa: E402
-from bench.flops import device_rates, resnet_flops  # noqa: E402
+from bench.flops import DeviceRates, device_rates, resnet_flops  # noqa: E402
 from bench.gpu_targets import GPU_TARGETS, target_config  # noqa: E402
 from bench.hlo_kernels import (  # noqa: E402
     Kernel,
@@ -124,10 +124,18 @@ def compiled_step_hlo(cfg: BenchConfig, target: str, recipe: str = "fast",
 
 
 def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = True,
-            measured_img_s: float | None = None, top: int = 10) -> dict[str, Any]:
-    """The report (JSON-able) of a step's kernels on ``device``."""
+            measured_img_s: float | None = None, top: int = 10,
+            ceilings: DeviceRates | None = None) -> dict[str, Any]:
+    """The report (JSON-able) of a step's kernels on ``device``.
+
+    Kernel times use the device's datasheet peaks, or ``ceilings`` (rates measured on such
+    a device: a large copy, a large matrix product) where given; MFU is always against the
+    datasheet peak.
+    """
     rates = device_rates(device, cfg.precision, tf32)
-    peak, bandwidth = rates.flops_per_s, rates.bytes_per_s
+    timing = ceilings or rates
+    peak, bandwidth = timing.flops_per_s, timing.bytes_per_s
+    mfu_peak = rates.flops_per_s
     flops = resnet_flops(cfg.depth, stem=cfg.stem, width=cfg.width,
                          num_classes=cfg.num_classes, image_size=cfg.image_size)
     model_flops_step = flops.train_per_image * cfg.batch
@@ -144,8 +152,8 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
     ceiling: dict[str, Any] = {"images_per_s": None, "mfu": None}
     if roofline_s:
         ceiling["images_per_s"] = cfg.batch / roofline_s
-        if peak:
-            ceiling["mfu"] = model_flops_step / roofline_s / peak
+        if mfu_peak:
+            ceiling["mfu"] = model_flops_step / roofline_s / mfu_peak
     ranked = sorted(zip(kernels, times, strict=True), key=lambda kt: -kt[0].bytes)
     sizes, floors, tiny = [], [], []
     if bandwidth:
@@ -156,11 +164,13 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
             t = roofline_time(kernels, peak, bandwidth, floor_s=floor_us * 1e-6)
             floors.append({"floor_s": floor_us * 1e-6, "roofline_s": t,
                            "images_per_s": cfg.batch / t,
-                           "mfu": model_flops_step / t / peak if peak else None})
+                           "mfu": model_flops_step / t / mfu_peak if mfu_peak else None})
     report = {
         "meta": {
             "config": cfg.to_dict(), "device": device, "peak_tflops": rates.peak_tflops,
             "hbm_tbs": rates.hbm_tbs, "tf32": tf32,
+            "ceilings": None if ceilings is None else {
+                "peak_tflops": ceilings.peak_tflops, "hbm_tbs": ceilings.hbm_tbs},
             "date": _dt.date.today().isoformat(),
             "model_flops_per_step": model_flops_step,
         },
@@ -186,6 +196,13 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
     return report
 
 
+def _ceilings_note(ceilings: dict[str, float | None] | None) -> str:
+    if not ceilings:
+        return ""
+    return (f" · kernel times at the measured ceilings {ceilings['peak_tflops']} TFLOP/s and "
+            f"{ceilings['hbm_tbs']} TB/s (MFU still against the datasheet peak)")
+
+
 def _commonest(kernels: Iterable[Kernel], top: int = 8) -> list[dict[str, Any]]:
     """Kernels grouped by kind and name without XLA's numeric suffix, most frequent first."""
     groups = Counter((k.kind, re.sub(r"\.\d+$", "", k.name)) for k in kernels)
@@ -199,7 +216,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"### Kernels of the compiled train step — {meta['config']['name']} on {meta['device']}",
         "",
         f"{meta['date']} · {meta.get('compiled', '')} · peak "
-        f"{meta['peak_tflops'] or '—'} TFLOP/s, HBM {meta['hbm_tbs'] or '—'} TB/s",
+        f"{meta['peak_tflops'] or '—'} TFLOP/s, HBM {meta['hbm_tbs'] or '—'} TB/s"
+        + _ceilings_note(meta.get("ceilings")),
         "",
         "| kernel kind | kernels | read MB | write MB | conv GFLOP | roofline ms |",
         "|---|---:|---:|---:|---:|---:|",
@@ -271,6 +289,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--measured-img-s", type=float, default=None,
                    help="a measured throughput (python -m bench) to set against the ceiling")
     p.add_argument("--top", type=int, default=10, help="kernels listed by traffic")
+    p.add_argument("--ceiling-tflops", type=float, default=None,
+                   help="a measured matrix rate to time kernels by instead of the datasheet "
+                        "peak (MFU stays against the datasheet)")
+    p.add_argument("--ceiling-tbs", type=float, default=None,
+                   help="a measured copy bandwidth (bytes read + written per s, in TB/s) to "
+                        "time kernels by instead of the datasheet bandwidth")
     p.add_argument("--from-hlo", default=None, metavar="FILE",
                    help="analyze this optimized HLO text instead of compiling")
     p.add_argument("--device", default=None,
@@ -283,6 +307,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--from-hlo needs --device (the peaks are looked up by its name)")
     if args.top < 0:
         p.error(f"--top must be >= 0, got {args.top}")
+    for flag in ("ceiling_tflops", "ceiling_tbs"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0, got {value}")
     return args
 
 
@@ -306,7 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.hlo_out:
             Path(args.hlo_out).write_text(hlo)
-    report = analyze(parse_kernels(hlo), cfg, device, tf32, args.measured_img_s, args.top)
+    ceilings = None
+    if args.ceiling_tflops or args.ceiling_tbs:
+        datasheet = device_rates(device, cfg.precision, tf32)
+        ceilings = DeviceRates(args.ceiling_tflops or datasheet.peak_tflops,
+                               args.ceiling_tbs or datasheet.hbm_tbs)
+    report = analyze(parse_kernels(hlo), cfg, device, tf32, args.measured_img_s, args.top,
+                     ceilings)
     report["meta"]["compiled"] = how
     text = render_markdown(report)
     print(text, end="")

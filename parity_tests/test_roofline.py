@@ -181,6 +181,23 @@ def test_size_bins_and_launch_floors_recount_the_same_kernels():
         previous = f["roofline_s"]
 
 
+def test_measured_ceilings_time_the_kernels_but_mfu_stays_against_the_datasheet():
+    from bench.flops import DeviceRates
+
+    cfg = parse_config(f"{TINY}-bf16")
+    kernels = parse_kernels(gzip.open(FIXTURE, "rt").read())
+    datasheet = analyze(kernels, cfg, "NVIDIA H100 80GB HBM3")
+    half = analyze(kernels, cfg, "NVIDIA H100 80GB HBM3",
+                   ceilings=DeviceRates(989.0 / 2, 3.35 / 2))
+    # Every kernel takes twice as long at half of both rates...
+    assert math.isclose(half["totals"]["roofline_s"], 2 * datasheet["totals"]["roofline_s"],
+                        rel_tol=1e-12)
+    # ...so the MFU ceiling halves: its denominator is still the datasheet peak.
+    assert math.isclose(half["ceiling"]["mfu"], datasheet["ceiling"]["mfu"] / 2, rel_tol=1e-12)
+    assert half["meta"]["peak_tflops"] == 989.0
+    assert half["meta"]["ceilings"] == {"peak_tflops": 989.0 / 2, "hbm_tbs": 3.35 / 2}
+
+
 def test_sub_microsecond_kernels_are_grouped_by_name_without_suffix():
     from bench.hlo_kernels import Kernel
 
