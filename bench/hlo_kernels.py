@@ -31,6 +31,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 _ELEMENT_BITS = {
     "pred": 8, "s4": 4, "u4": 4, "f4e2m1fn": 4, "s8": 8, "u8": 8,
@@ -340,21 +341,25 @@ def roofline_time(kernels: Iterable[Kernel], peak_flops: float | None,
 
 def by_size(kernels: Iterable[Kernel], peak_flops: float | None, bandwidth: float,
             edges_s: Sequence[float],
-            measured_s: Sequence[float] | None = None) -> list[dict[str, float]]:
+            measured_s: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """Kernels binned by roofline time: ``[edges_s[i], edges_s[i+1])``, the last bin open.
 
     Each bin has its lower edge ``from_s`` (the upper is the next bin's), ``count`` and
     ``roofline_s`` (their sum); with ``measured_s`` (per kernel, in ``kernels``' order) also
-    ``measured_s``, the sum of their measured times.
+    ``measured_s``, the sum of their measured times, and ``seen``, how many of them were
+    measured at all (a positive time).
     """
+    if not bandwidth:
+        raise ValueError(f"binning by roofline time needs a bandwidth, got {bandwidth!r}")
     edges = list(edges_s)
     if not edges or edges[0] != 0 or edges != sorted(set(edges)):
         raise ValueError(f"edges_s must rise strictly from 0, got {edges}")
     kernels = list(kernels)
     if measured_s is not None and len(measured_s) != len(kernels):
         raise ValueError(f"{len(measured_s)} measured times for {len(kernels)} kernels")
-    bins = [{"from_s": e, "count": 0, "roofline_s": 0.0,
-             **({} if measured_s is None else {"measured_s": 0.0})} for e in edges]
+    bins: list[dict[str, Any]] = [
+        {"from_s": e, "count": 0, "roofline_s": 0.0,
+         **({} if measured_s is None else {"measured_s": 0.0, "seen": 0})} for e in edges]
     for i, k in enumerate(kernels):
         t = kernel_time(k, peak_flops, bandwidth)
         b = bins[bisect.bisect_right(edges, t) - 1]
@@ -362,6 +367,7 @@ def by_size(kernels: Iterable[Kernel], peak_flops: float | None, bandwidth: floa
         b["roofline_s"] += t
         if measured_s is not None:
             b["measured_s"] += measured_s[i]
+            b["seen"] += measured_s[i] > 0
     return bins
 
 

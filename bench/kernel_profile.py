@@ -34,7 +34,7 @@ from bench.configs import BenchConfig, parse_config  # noqa: E402
 from bench.flops import device_rates  # noqa: E402
 from bench.hlo_kernels import Kernel, by_size, kernel_time, parse_kernels  # noqa: E402
 from bench.report import fmt_ms, save_report, size_bin_labels  # noqa: E402
-from bench.roofline import CIFAR_TRAIN_IMAGES, SIZE_EDGES_US  # noqa: E402
+from bench.roofline import CIFAR_TRAIN_IMAGES, SIZE_EDGES_S  # noqa: E402
 
 
 def module_name(hlo_text: str) -> str:
@@ -176,7 +176,7 @@ def profile_report(kernels: list[Kernel], per_op: dict[str, float], steps: int,
         "furthest": sorted(rows, key=lambda r: -gap(r))[:top],
         # Measured time by roofline size: what a sub-microsecond kernel really costs,
         # against the launch floors that bench.roofline assumes.
-        "by_size": by_size(kernels, peak, bandwidth, [e * 1e-6 for e in SIZE_EDGES_US],
+        "by_size": by_size(kernels, peak, bandwidth, SIZE_EDGES_S,
                            [r["measured_s"] for r in rows]) if bandwidth else [],
     }
 
@@ -206,14 +206,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     sizes = report.get("by_size")
     if sizes:
         idle = report["wall_step_s"] - report["busy_step_s"]
-        lines += ["", "| kernel roofline time | kernels | measured ms | roofline ms | "
-                  "measured µs per kernel |", "|---|---:|---:|---:|---:|"]
+        lines += ["", "| kernel roofline time | kernels | seen | measured ms | roofline ms | "
+                  "measured µs per seen kernel |", "|---|---:|---:|---:|---:|---:|"]
         for b, span in zip(sizes, size_bin_labels(sizes), strict=True):
-            per = f"{b['measured_s'] / b['count'] * 1e6:.2f}" if b["count"] else "—"
-            lines.append(f"| {span} | {b['count']} | {fmt_ms(b['measured_s'])} | "
+            per = f"{b['measured_s'] / b['seen'] * 1e6:.2f}" if b["seen"] else "—"
+            lines.append(f"| {span} | {b['count']} | {b['seen']} | {fmt_ms(b['measured_s'])} | "
                          f"{fmt_ms(b['roofline_s'])} | {per} |")
-        lines.append(f"\nIdle between kernels: {fmt_ms(idle)} ms per step, "
-                     f"{idle / report['kernels'] * 1e6:.2f} µs per kernel of the step.")
+        if report["kernels_seen"]:
+            lines.append(f"\nIdle between kernels: {fmt_ms(idle)} ms per step, "
+                         f"{idle / report['kernels_seen'] * 1e6:.2f} µs per kernel seen.")
     lines += ["", "| furthest from roofline | kind | MB | GFLOP | measured ms | roofline ms |",
               "|---|---|---:|---:|---:|---:|"]
     for r in report["furthest"]:

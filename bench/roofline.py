@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import os
 import re
 import sys
@@ -53,6 +54,7 @@ CONTROL_FLOW = ("call", "while", "conditional")
 # updates, second passes of split reductions) cost their launch, not their bytes.
 SIZE_EDGES_US = (0, 1, 3, 10, 30)
 LAUNCH_FLOORS_US = (1, 2, 3, 5)
+SIZE_EDGES_S = tuple(e / 1e6 for e in SIZE_EDGES_US)
 
 
 def _prepare_deviceless() -> None:
@@ -158,13 +160,13 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
     sizes, floors, tiny = [], [], []
     if bandwidth:
         tiny = _commonest(k for k, t in zip(kernels, times, strict=True)
-                          if t < SIZE_EDGES_US[1] * 1e-6)
-        sizes = by_size(kernels, peak, bandwidth, [e * 1e-6 for e in SIZE_EDGES_US])
+                          if t < SIZE_EDGES_S[1])
+        sizes = by_size(kernels, peak, bandwidth, SIZE_EDGES_S)
         for floor_us in LAUNCH_FLOORS_US:
-            t = roofline_time(kernels, peak, bandwidth, floor_s=floor_us * 1e-6)
-            floors.append({"floor_s": floor_us * 1e-6, "roofline_s": t,
-                           "images_per_s": cfg.batch / t,
-                           "mfu": model_flops_step / t / mfu_peak if mfu_peak else None})
+            t = roofline_time(kernels, peak, bandwidth, floor_s=floor_us / 1e6)
+            floors.append({"floor_s": floor_us / 1e6, "roofline_s": t,
+                           "images_per_s": cfg.batch / t if t else None,
+                           "mfu": model_flops_step / t / mfu_peak if t and mfu_peak else None})
     report = {
         "meta": {
             "config": cfg.to_dict(), "device": device, "peak_tflops": rates.peak_tflops,
@@ -199,8 +201,9 @@ def analyze(kernels: list[Kernel], cfg: BenchConfig, device: str, tf32: bool = T
 def _ceilings_note(ceilings: dict[str, float | None] | None) -> str:
     if not ceilings:
         return ""
-    return (f" · kernel times at the measured ceilings {ceilings['peak_tflops']} TFLOP/s and "
-            f"{ceilings['hbm_tbs']} TB/s (MFU still against the datasheet peak)")
+    return (f" · kernel times at the measured ceilings {ceilings['peak_tflops'] or '—'} "
+            f"TFLOP/s and {ceilings['hbm_tbs'] or '—'} TB/s (MFU still against the datasheet "
+            "peak)")
 
 
 def _commonest(kernels: Iterable[Kernel], top: int = 8) -> list[dict[str, Any]]:
@@ -265,8 +268,8 @@ def _size_tables(report: dict[str, Any]) -> list[str]:
     lines += ["", "| every kernel at least | step ms | ≤ img/s | MFU ≤ |", "|---|---:|---:|---:|"]
     for f in floors:
         mfu = f"{f['mfu']:.1%}" if f["mfu"] else "—"
-        lines.append(f"| {f['floor_s'] * 1e6:g} µs | {fmt_ms(f['roofline_s'])} | "
-                     f"{f['images_per_s']:,.0f} | {mfu} |")
+        img_s = f"{f['images_per_s']:,.0f}" if f["images_per_s"] else "—"
+        lines.append(f"| {f['floor_s'] * 1e6:g} µs | {fmt_ms(f['roofline_s'])} | {img_s} | {mfu} |")
     tiny = report.get("sub_microsecond")
     if tiny:
         lines += ["", "Commonest kernels under 1 µs: " + ", ".join(
@@ -309,8 +312,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--top must be >= 0, got {args.top}")
     for flag in ("ceiling_tflops", "ceiling_tbs"):
         value = getattr(args, flag)
-        if value is not None and value <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{flag.replace('_', '-')} must be a finite number > 0, got {value}")
     return args
 
 

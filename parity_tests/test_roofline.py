@@ -24,7 +24,7 @@ import pytest
 from bench.configs import parse_config
 from bench.flops import lookup_hbm_tbs, resnet_flops
 from bench.hlo_kernels import by_size, parse_kernels, roofline_time
-from bench.roofline import SIZE_EDGES_US, analyze, compiled_step_hlo, main
+from bench.roofline import analyze, compiled_step_hlo, main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "resnet18w0.125-b8-bf16.h100.hlo.gz"
 TINY = "resnet18w0.125-b8"
@@ -164,7 +164,7 @@ def test_size_bins_and_launch_floors_recount_the_same_kernels():
     peak, bw = 989e12, 3.35e12
     times = [max(k.flops / peak, k.bytes / bw) for k in kernels]
     bins = report["by_size"]
-    assert [b["from_s"] for b in bins] == [e * 1e-6 for e in SIZE_EDGES_US]
+    assert [b["from_s"] for b in bins] == [0, 1e-6, 3e-6, 1e-5, 3e-5]
     assert sum(b["count"] for b in bins) == len(kernels)
     for b, hi in zip(bins, [*(x["from_s"] for x in bins[1:]), math.inf], strict=True):
         inside = [t for t in times if b["from_s"] <= t < hi]
@@ -196,6 +196,28 @@ def test_measured_ceilings_time_the_kernels_but_mfu_stays_against_the_datasheet(
     assert math.isclose(half["ceiling"]["mfu"], datasheet["ceiling"]["mfu"] / 2, rel_tol=1e-12)
     assert half["meta"]["peak_tflops"] == 989.0
     assert half["meta"]["ceilings"] == {"peak_tflops": 989.0 / 2, "hbm_tbs": 3.35 / 2}
+    model_flops = datasheet["meta"]["model_flops_per_step"]
+    for f in half["launch_floor"]:
+        assert math.isclose(f["mfu"], model_flops / f["roofline_s"] / 989e12, rel_tol=1e-12)
+
+
+def test_ceiling_flags_time_the_kernels_and_reject_bad_values(tmp_path, capsys):
+    hlo = tmp_path / "step.hlo"
+    hlo.write_text(gzip.open(FIXTURE, "rt").read())
+    args = ["--from-hlo", str(hlo), "--device", "NVIDIA H100 80GB HBM3",
+            "--config", f"{TINY}-bf16", "--top", "0"]
+    for bad in ("0", "-3", "nan", "inf"):
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--ceiling-tbs", bad])
+        assert e.value.code == 2
+        assert f"--ceiling-tbs must be a finite number > 0, got {float(bad)}" in (
+            capsys.readouterr().err)
+    out = tmp_path / "r.json"
+    # Only the bandwidth given: the matrix rate stays the datasheet's.
+    assert main([*args, "--ceiling-tbs", "1.675", "--json", str(out)]) == 0
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["ceilings"] == {"peak_tflops": 989.0, "hbm_tbs": 1.675}
+    assert "measured ceilings 989.0 TFLOP/s and 1.675 TB/s" in capsys.readouterr().out
 
 
 def test_sub_microsecond_kernels_are_grouped_by_name_without_suffix():
@@ -223,6 +245,18 @@ def test_size_bins_reject_bad_edges_and_misaligned_measurements():
         by_size(kernels, 989e12, 3.35e12, [0, 1e-6], measured_s=[0.0])
     with pytest.raises(ValueError, match="floor_s"):
         roofline_time(kernels, 989e12, 3.35e12, floor_s=-1e-6)
+    with pytest.raises(ValueError, match="needs a bandwidth"):
+        by_size(kernels, 989e12, None, [0, 1e-6])
+
+
+def test_a_kernel_on_a_bin_edge_belongs_to_the_bin_above():
+    from bench.hlo_kernels import Kernel
+
+    # 1e6 bytes at 1e12 B/s: exactly 1 us; one byte less is just under it.
+    kernels = [Kernel("edge", "copy", 10**6, 0, 0), Kernel("under", "copy", 10**6 - 1, 0, 0)]
+    bins = by_size(kernels, None, 1e12, [0, 1e-6, 3e-6])
+    assert [b["count"] for b in bins] == [1, 1, 0]
+    assert bins[1]["roofline_s"] == 1e-6
 
 
 def test_profile_report_bins_measured_time_by_roofline_size():
@@ -230,21 +264,26 @@ def test_profile_report_bins_measured_time_by_roofline_size():
 
     cfg = parse_config(f"{TINY}-bf16")
     kernels = parse_kernels(gzip.open(FIXTURE, "rt").read())
-    # As if every kernel had run for 2 us + 1 ns per byte, with one idle microsecond
-    # after each (wall = busy + 1 us per kernel), over 3 steps.
-    per_op = {k.name: 3 * (2e-6 + k.bytes * 1e-9) for k in kernels}
+    # As if every kernel but every third had run for 2 us + 1 ns per byte, with one idle
+    # microsecond after each (wall = busy + 1 us per kernel seen), over 3 steps.
+    ran = kernels[::3] + kernels[1::3]
+    per_op = {k.name: 3 * (2e-6 + k.bytes * 1e-9) for k in ran}
     busy = sum(per_op.values()) / 3
-    report = profile_report(kernels, per_op, 3, busy + len(kernels) * 1e-6, cfg,
+    report = profile_report(kernels, per_op, 3, busy + len(ran) * 1e-6, cfg,
                             "NVIDIA H100 80GB HBM3", "device")
     bins = report["by_size"]
     assert sum(b["count"] for b in bins) == len(kernels)
+    assert sum(b["seen"] for b in bins) == len(ran) == report["kernels_seen"]
     assert math.isclose(sum(b["measured_s"] for b in bins), busy, rel_tol=1e-9)
-    small = [k for k in kernels if max(k.flops / 989e12, k.bytes / 3.35e12) < 1e-6]
-    assert bins[0]["count"] == len(small)
+    small = [k for k in ran if max(k.flops / 989e12, k.bytes / 3.35e12) < 1e-6]
+    assert bins[0]["seen"] == len(small) < bins[0]["count"]
     assert math.isclose(bins[0]["measured_s"], sum(2e-6 + k.bytes * 1e-9 for k in small),
                         rel_tol=1e-9)
     text = render_markdown(report)
-    assert (f"Idle between kernels: {len(kernels) * 1e-3:.3f} ms per step, 1.00 µs per kernel"
+    per_seen = sum(2e-6 + k.bytes * 1e-9 for k in small) / len(small) * 1e6
+    assert f"| 0–1 µs | {bins[0]['count']} | {len(small)} | " in text
+    assert f"| {per_seen:.2f} |" in text
+    assert (f"Idle between kernels: {len(ran) * 1e-3:.3f} ms per step, 1.00 µs per kernel seen"
             in text)
 
 
