@@ -32,7 +32,13 @@ if __package__ in (None, ""):  # `python bench/kernel_profile.py`
 
 from bench.configs import BenchConfig, parse_config  # noqa: E402
 from bench.flops import device_rates  # noqa: E402
-from bench.hlo_kernels import Kernel, by_size, kernel_time, parse_kernels  # noqa: E402
+from bench.hlo_kernels import (  # noqa: E402
+    Kernel,
+    by_kind,
+    by_size,
+    kernel_time,
+    parse_kernels,
+)
 from bench.report import fmt_ms, save_report, size_bin_labels  # noqa: E402
 from bench.roofline import CIFAR_TRAIN_IMAGES, SIZE_EDGES_S  # noqa: E402
 
@@ -149,14 +155,11 @@ def profile_report(kernels: list[Kernel], per_op: dict[str, float], steps: int,
             "measured_s": per_op.get(k.name, 0.0) / steps,
             "roofline_s": kernel_time(k, peak, bandwidth),
         })
-    kinds: dict[str, dict[str, Any]] = {}
+    measured_by_kind: dict[str, float] = {}
     for r in rows:
-        a = kinds.setdefault(r["kind"], {"kind": r["kind"], "count": 0, "measured_s": 0.0,
-                                         "roofline_s": 0.0 if bandwidth else None})
-        a["count"] += 1
-        a["measured_s"] += r["measured_s"]
-        if bandwidth:
-            a["roofline_s"] += r["roofline_s"]
+        measured_by_kind[r["kind"]] = measured_by_kind.get(r["kind"], 0.0) + r["measured_s"]
+    kinds = [{"kind": t.kind, "count": t.count, "measured_s": measured_by_kind[t.kind],
+              "roofline_s": t.roofline_s} for t in by_kind(kernels, peak, bandwidth)]
     unmatched = {op: t / steps for op, t in per_op.items() if op not in names}
     busy = sum(r["measured_s"] for r in rows) + sum(unmatched.values())
     gap = (lambda r: r["measured_s"] - r["roofline_s"]) if bandwidth else (
@@ -170,7 +173,7 @@ def profile_report(kernels: list[Kernel], per_op: dict[str, float], steps: int,
         "kernels_seen": sum(1 for r in rows if r["measured_s"] > 0),
         "kernels": len(rows),
         "roofline_s": sum(r["roofline_s"] for r in rows) if bandwidth else None,
-        "kinds": sorted(kinds.values(), key=lambda a: -a["measured_s"]),
+        "kinds": sorted(kinds, key=lambda a: -a["measured_s"]),
         "unmatched_step_s": sum(unmatched.values()),
         "unmatched_ops": dict(sorted(unmatched.items(), key=lambda kv: -kv[1])[:top]),
         "furthest": sorted(rows, key=lambda r: -gap(r))[:top],
