@@ -294,7 +294,8 @@ def create_resnet(
     init: a scheme of ``flax_resnet.init.INIT_SCHEMES``; ``torch`` is PyTorch's default.
     width: multiplies every stage's channel count.
     zero_init_residual: zero the scale of each block's last norm, so blocks start as identity.
-    dtype / param_dtype: compute and parameter dtypes (norm statistics stay float32).
+    dtype / param_dtype: compute and parameter dtypes (norms compute and keep statistics in
+      at least float32; float64 throughout for a float64 model).
     """
     spec, stem, shortcut, channels = resolve_arch(depth, stem, shortcut, width)
     norm = canonical_norm(norm)

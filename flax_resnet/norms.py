@@ -1,7 +1,10 @@
 """Normalization layers with PyTorch's semantics, channel-last (NHWC) where channels matter.
 
-Every layer computes its statistics in float32 whatever the compute dtype, because bf16
-means and variances over large reductions lose the precision BatchNorm depends on.
+Every layer computes in ``compute_dtype(x.dtype)`` = ``promote_types(dtype, float32)``:
+float32 for 16-bit compute (bf16 means and variances over large reductions lose the
+precision BatchNorm depends on) and float32 input, float64 for float64 input (so a float64
+model is float64 throughout: the parity proof runs there). Running statistics are stored in
+``promote_types(param_dtype, float32)``.
 
 Parameter names follow Flax (``scale``, ``bias``, ``mean``, ``var``); ``flax_resnet.convert``
 maps them to PyTorch's (``weight``, ``bias``, ``running_mean``, ``running_var``).
@@ -60,8 +63,13 @@ def _check_input(layer: str, x: jax.Array, ndims: Sequence[int], channels: int |
         )
 
 
+def compute_dtype(dtype: Dtype) -> jnp.dtype:
+    """The dtype a norm computes in for ``dtype`` input: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Mean and biased variance in float32.
+    """Mean and biased variance in ``compute_dtype(x.dtype)``.
 
     float32/float64 input: two passes over ``x`` (mean, then the mean squared deviation),
     PyTorch's accuracy. 16-bit input (bf16/fp16 compute): one pass, both sums in one
@@ -74,7 +82,7 @@ def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]
 
 
 def _moments_two_pass(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    xf = x.astype(jnp.float32)
+    xf = x.astype(compute_dtype(x.dtype))
     mean = jnp.mean(xf, axis=axes, keepdims=True)
     return mean, jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
 
@@ -87,7 +95,7 @@ def _moments_one_pass(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, j
     ``E[d]`` of the order of the spread, so the subtraction does not cancel the way the
     textbook ``E[x²] - E[x]²`` does for a channel whose mean dwarfs its spread.
     """
-    xf = x.astype(jnp.float32)
+    xf = x.astype(compute_dtype(x.dtype))
     first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
     # var does not depend on K, so holding K constant leaves the gradients exact.
     shift = jax.lax.stop_gradient(xf[first])
@@ -115,12 +123,14 @@ def _normalize(
     dtype: Dtype | None,
 ) -> jax.Array:
     # Fold the affine into one multiplier and one offset so XLA emits a single fused FMA.
+    compute = compute_dtype(x.dtype)
+    mean, var = mean.astype(compute), var.astype(compute)
     mul = jax.lax.rsqrt(var + eps)
     if scale is not None:
-        mul = mul * scale[...].astype(jnp.float32)
-    y = x.astype(jnp.float32) * mul - mean * mul
+        mul = mul * scale[...].astype(compute)
+    y = x.astype(compute) * mul - mean * mul
     if bias is not None:
-        y = y + bias[...].astype(jnp.float32)
+        y = y + bias[...].astype(compute)
     return y.astype(dtype or x.dtype)
 
 
@@ -143,8 +153,9 @@ def _init_tracked_norm(
     norm.use_running_average = False
     norm.scale, norm.bias = _affine_params((num_features,), affine, True, param_dtype)
     if track_running_stats:
-        norm.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-        norm.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        stat_dtype = compute_dtype(param_dtype)
+        norm.mean = nnx.BatchStat(jnp.zeros((num_features,), stat_dtype))
+        norm.var = nnx.BatchStat(jnp.ones((num_features,), stat_dtype))
         norm.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
     else:
         norm.mean = norm.var = norm.num_batches_tracked = None
@@ -197,12 +208,13 @@ class BatchNorm2d(nnx.Module):
         n = x.shape[0] * x.shape[1] * x.shape[2]
         count = self.num_batches_tracked[...] + 1
         self.num_batches_tracked[...] = count
+        stat_dtype = self.mean[...].dtype
         if self.momentum is None:
-            momentum = 1.0 / count.astype(jnp.float32)
+            momentum = 1.0 / count.astype(stat_dtype)
         else:
             momentum = self.momentum
-        unbiased = var * (n / (n - 1))
-        self.mean[...] = (1 - momentum) * self.mean[...] + momentum * mean
+        unbiased = (var * (n / (n - 1))).astype(stat_dtype)
+        self.mean[...] = (1 - momentum) * self.mean[...] + momentum * mean.astype(stat_dtype)
         self.var[...] = (1 - momentum) * self.var[...] + momentum * unbiased
 
 
@@ -237,10 +249,11 @@ class GroupNorm(nnx.Module):
         n, c = x.shape[0], x.shape[-1]
         grouped = x.reshape(n, -1, self.num_groups, c // self.num_groups)
         mean, var = _moments(grouped, (1, 3))
+        compute = compute_dtype(x.dtype)
         mul = jax.lax.rsqrt(var + self.eps)
-        y = ((grouped.astype(jnp.float32) - mean) * mul).reshape(x.shape)
+        y = ((grouped.astype(compute) - mean) * mul).reshape(x.shape)
         if self.scale is not None:
-            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+            y = y * self.scale[...].astype(compute) + self.bias[...].astype(compute)
         return y.astype(self.dtype or x.dtype)
 
 
@@ -285,9 +298,11 @@ class InstanceNorm2d(nnx.Module):
                 # torch's instance_norm passes momentum=None as 0.0 (the running stats stay
                 # put) and never counts batches.
                 momentum = 0.0 if self.momentum is None else self.momentum
-                inst_var = var * (n / max(n - 1, 1))
-                self.mean[...] = (1 - momentum) * self.mean[...] + momentum * mean.mean((0, 1, 2))
-                self.var[...] = (1 - momentum) * self.var[...] + momentum * inst_var.mean((0, 1, 2))
+                stat_dtype = self.mean[...].dtype
+                inst_mean = mean.mean((0, 1, 2)).astype(stat_dtype)
+                inst_var = (var * (n / max(n - 1, 1))).mean((0, 1, 2)).astype(stat_dtype)
+                self.mean[...] = (1 - momentum) * self.mean[...] + momentum * inst_mean
+                self.var[...] = (1 - momentum) * self.var[...] + momentum * inst_var
         y = _normalize(batched, mean, var, self.eps, self.scale, self.bias, self.dtype)
         return y if x.ndim == 4 else y[0]
 
@@ -335,11 +350,12 @@ class LayerNorm(nnx.Module):
         _check_trailing("LayerNorm", x, self.normalized_shape)
         axes = tuple(range(x.ndim - len(self.normalized_shape), x.ndim))
         mean, var = _moments(x, axes)
-        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.eps)
+        compute = compute_dtype(x.dtype)
+        y = (x.astype(compute) - mean) * jax.lax.rsqrt(var + self.eps)
         if self.scale is not None:
-            y = y * self.scale[...].astype(jnp.float32)
+            y = y * self.scale[...].astype(compute)
         if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y + self.bias[...].astype(compute)
         return y.astype(self.dtype or x.dtype)
 
 
@@ -370,12 +386,12 @@ class RMSNorm(nnx.Module):
         _check_trailing("RMSNorm", x, self.normalized_shape)
         axes = tuple(range(x.ndim - len(self.normalized_shape), x.ndim))
         # torch computes half-precision RMSNorm in float32 and takes float32's epsilon.
-        compute = jnp.promote_types(x.dtype, jnp.float32)
+        compute = compute_dtype(x.dtype)
         eps = float(jnp.finfo(compute).eps) if self.eps is None else self.eps
-        xf = x.astype(jnp.float32)
+        xf = x.astype(compute)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=axes, keepdims=True) + eps)
         if self.scale is not None:
-            y = y * self.scale[...].astype(jnp.float32)
+            y = y * self.scale[...].astype(compute)
         return y.astype(self.dtype or x.dtype)
 
 

@@ -6,37 +6,40 @@ A parity run for one configuration:
    parameters and (BatchNorm) random running statistics, so that eval mode really tests the
    stored statistics and the affine mapping is not an identity.
 2. Its ``state_dict`` goes to a FILE (``.pt`` or ``.safetensors``); ``flax_resnet`` builds the
-   twin and loads that file with ``convert.load_torch_checkpoint``.
-3. The same NCHW input (NHWC for Flax) goes through both in eval mode, then one train-mode
-   forward/backward of a mean cross-entropy loss; we compare eval logits, train logits, the
-   BatchNorm running statistics after that step, and the gradient of every parameter
-   (Flax gradients are exported through ``convert.to_numpy_state_dict``, i.e. the library's
-   own naming and layout transposes, and compared by PyTorch key).
+   twin and loads that file with ``convert.load_torch_checkpoint``, once with float32 and once
+   with float64 parameters (the file's float32 values are exact in float64). ``torch_ref``
+   gets a float64 copy (``.double()``) of the same weights.
+3. The same NCHW input (NHWC for Flax) goes through all four models in eval mode, then one
+   train-mode forward/backward of a mean cross-entropy loss; we compare eval logits, train
+   logits, the BatchNorm running statistics after that step, and the gradient of every
+   parameter (Flax gradients are exported through ``convert.to_numpy_state_dict``, i.e. the
+   library's own naming and layout transposes, and compared by PyTorch key).
 
-Every error is *relative per tensor*: ``max|flax - torch| / max|torch|``.
+Every error is *relative per tensor*: ``max|actual - reference| / max|reference|``.
 
-Tolerances (float32 throughout). XLA and PyTorch (oneDNN / native CPU kernels) sum a conv's
-products in different orders, so each conv/matmul/reduction output differs by a few float32
-ulps (~1e-7 relative); the differences then add up along the residual stream and get
-amplified by every train-mode normalization (which divides by a batch/instance std), i.e.
-they grow with depth, and the backward pass runs through the same depth again. Measured on
-the configurations below (``scripts/parity_report.py``): logits <= ~4e-6, running stats
-<= ~7e-7, gradients <= ~6e-5 (ResNet-101/152 with BatchNorm, where PyTorch's own float32
-gradients differ from its float64 ones by up to ~5e-5: ``--floor``). Any semantic slip
-(padding shifted by a pixel, momentum 0.9 vs 0.1, biased vs unbiased running variance, eps
-1e-6 vs 1e-5, a transposed kernel) is a 1e-3 .. 1 effect.
+**The proof: float64.** ``flax_resnet`` in float64 against ``torch_ref`` in float64, every
+tensor within ``F64_RTOL`` = 1e-10. Rounding is ~1e-16 per op there, so conditioning cannot
+hide or fake anything: measured worst over every configuration of the suite 1.5e-14
+(``scripts/parity_report.py``), while the smallest semantic slip (BatchNorm eps 1e-6 instead
+of 1e-5) is 4e-6 and the others 1e-3 .. 1 (``test_forward_parity.py::test_planted_slip``).
 
-Two things make float32 comparisons meaningless if ignored, so the configurations avoid them
-(see ``randomize_norms_`` and ``INSTANCE_NORM_HW``): exponential amplification through deep
-train-mode residual stacks whose blocks all add O(1) renormalized branches, and instance
-statistics over 2x2 maps. ReLU inputs within rounding of zero are kept rare by small inputs:
-such an input can land on either side of zero depending on summation order, and the gradient
-then changes by O(1) at that element. Example (``parity_report.py --full-width``, ResNet-50
-BatchNorm): one BN output is +3.5e-6 in float64, and the bias gradient of its channel is
-2.79e-4 in PyTorch float32 with one thread, 1.39e-3 with two threads and in Flax: a 0.22
-relative "error" with no bug anywhere. ``--floor`` shows PyTorch's own float32-vs-float64
-error for a configuration; a failure far above it that is confined to a few channels of one
-layer is such a flip, a semantic bug shows up across whole tensors and in the logits.
+**The claim: float32 as close to the exact answer as PyTorch's float32.** For every tensor,
+``err(flax32 vs torch64) <= F32_K · err(torch32 vs torch64) + F32_FLOOR``. This holds on any
+machine because both sides are measured against the same exact answer: a configuration whose
+float32 gradients are ill-conditioned (deep InstanceNorm, a cancelling norm-scale gradient)
+is ill-conditioned for PyTorch as well, on that CPU. One float32 effect is not rounding
+noise but a discontinuity: a ReLU input within float32 rounding of zero can land on either
+side of it, and the gradient then changes by O(1) at that element (example: ResNet-110 with
+InstanceNorm, one ReLU input of 5,600 at 1.35e-6 in float64 made Flax's gradients 2.7e-2 off
+where PyTorch's were 1.7e-5). ``relu_decisions`` recognises it explicitly: each float32
+model's ReLU inputs are compared with the float64 ones, every element whose sign differs is
+re-decided in a float64 rerun of the reference the way that float32 model decided it, and the
+float32 gradients are compared with that rerun. This cannot hide a slip: the re-decided
+elements must be ones float32 rounding can flip (the ReLU input tensor itself must meet the
+float32 criterion, ``relu/<i>``), only the ReLU's 0/1 derivative there changes (the forward
+value moves by less than the rounding), and the float64 proof has already passed.
+The flax32-vs-torch32 figures of the old absolute bars (``LOGIT_RTOL`` and friends) stay in
+the report as information.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import copy
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import flax_resnet
 import torch_ref
@@ -68,43 +73,40 @@ NORMS: tuple[str, ...] = ("bn", "ln", "gn", "in", "rms")
 STEMS: tuple[str, ...] = ("imagenet", "cifar")
 HEAVY_DEPTHS: tuple[int, ...] = (101, 152)
 
-# Logits (eval and train mode): max|Δ| <= 1e-4 * max|y_torch|. Float32 conv/matmul outputs
-# differ by ~1e-7 relative between XLA and PyTorch (summation order); through up to 152
-# layers and the train-mode normalizations this grows to <= ~4e-6 (measured); 1e-4 keeps
-# >= 25x headroom.
+# The proof: every tensor of flax_resnet float64 within 1e-10 (relative) of torch_ref float64.
+# Measured worst over the suite's configurations: 1.5e-14 (ResNet-110 InstanceNorm gradients;
+# logits and running statistics <= 1.3e-15), i.e. >= 6,000x headroom, while the smallest
+# planted slip (eps 1e-6 instead of 1e-5) moves the logits by 4e-6: 40,000x above the bar.
+F64_RTOL = 1e-10
+# The float32 claim: err(flax32 vs torch64) <= F32_K * err(torch32 vs torch64) + F32_FLOOR.
+# Two float32 implementations that each round every op correctly but in a different order
+# have errors of the same size, not the same value: measured over the suite (the report's
+# "ratio" column) flax32/torch32 is <= 2.7 for every tensor whose error is above the floor.
+# F32_K = 4 keeps headroom for other CPUs' summation orders, and is still far below what a
+# float32-only slip costs (a float32 accumulation where float64 is needed, a 16-bit
+# intermediate: 10x .. 1e4x).
+F32_K = 4.0
+# A tensor whose float32 error is only a few ulps can come out bit-exact, or nearly, on one
+# side (e.g. a bias gradient that is a plain sum of softmax terms), so the ratio alone would
+# ask for less than rounding. 2e-6 = 16 float32 ulps of the tensor's largest value; measured
+# flax32 errors on tensors where torch32's is below 1e-7 reach 1.1e-6.
+F32_FLOOR = 2e-6
+
+# The absolute flax32-vs-torch32 bars of earlier versions, kept as information in the report
+# (and used by single-layer and conversion checks, whose eval logits are well conditioned):
+# logits 1e-4, running statistics 1e-5, gradients 1e-4. On some CPUs deep train-mode
+# configurations exceed them with no bug anywhere: the float32 criterion above replaces them.
 LOGIT_RTOL = 1e-4
-# BatchNorm running mean/var after one train step: max|Δ| <= 1e-5 * max|torch value|.
-# running = 0.9 * stored + 0.1 * batch statistic: the stored part is copied bit-exactly, and
-# the batch statistic is a mean over N*H*W values of activations that agree to ~1e-7..1e-6,
-# scaled by 0.1 (measured worst: 7e-7). Tighter than the logits because the statistics sit
-# before most of the depth amplification, and any slip in the update rule (momentum
-# convention, the n/(n-1) unbiased-variance factor) is a >= 1e-4 effect even for the
-# 108-value channels of the first stage.
 STATS_RTOL = 1e-5
-# Gradients of the loss w.r.t. every parameter: max|Δ| <= 1e-4 * max|g_torch| per tensor.
-# Backprop runs the same depth again (transposed convs, norm backward), so it accumulates
-# the same per-op differences once more; measured worst 6e-5 (ResNet-152 + BatchNorm, whose
-# float32-vs-float64 floor in PyTorch alone is ~5e-5), typically 1e-6 .. 1e-5.
 GRAD_RTOL = 1e-4
 
 # Odd, non-square inputs catch padding/stride slips. The ImageNet stem (7x7/2 conv, 3x3/2
 # max-pool) turns 33x47 into 9x12 maps; the CIFAR stem (3x3/1 conv) gets 9x12 directly, so
 # both stems' stages see the same sizes (9x12 -> 5x6 -> 3x3 -> 2x2: odd and even sizes at
-# every stride-2 step) and share compiled code (see blockwise_grads). Small maps also keep
-# the number of ReLU inputs low: each one that lies within float32 rounding of 0 can take a
-# different side in the two frameworks, which changes a gradient by O(1) at that element.
+# every stride-2 step) and share compiled code (see blockwise_grads). Every norm uses them,
+# InstanceNorm over its 2x2 last-stage maps included: float64 is exact there, and the float32
+# criterion is relative to PyTorch's own float32 error on the same maps.
 DEFAULT_HW: dict[str, tuple[int, int]] = {"imagenet": (33, 47), "cifar": (9, 12)}
-# InstanceNorm ("in" = GroupNorm(C, C)) normalises each sample's channel over its H*W values
-# alone. On the 2x2 / 3x3 maps of the last stages those few values are nearly equal after a
-# bottleneck's 1x1 convs, and x - mean cancels catastrophically: PyTorch's own float32
-# gradients then differ from its float64 ones by 9e-5 .. 2e-2 (ResNet-50/101/152), so 1e-4
-# is unreachable for any float32 implementation. With 3x larger maps (last stage 4x5) the
-# same float32-vs-float64 gap is <= 4e-5, and the comparison is meaningful again.
-INSTANCE_NORM_HW: dict[str, tuple[int, int]] = {"imagenet": (97, 129), "cifar": (25, 33)}
-
-
-def default_hw(stem: str, norm: str) -> tuple[int, int]:
-    return (INSTANCE_NORM_HW if norm == "in" else DEFAULT_HW)[stem]
 
 
 def default_width(depth: int) -> float:
@@ -126,7 +128,7 @@ class Config:
     norm_groups: int = 4  # divides every channel count of the reduced widths
     zero_init_residual: bool = False
     batch: int = 2
-    hw: tuple[int, int] | None = None  # None: default_hw(stem, norm)
+    hw: tuple[int, int] | None = None  # None: DEFAULT_HW[stem]
     seed: int = 0
     file_format: str = "pt"  # "pt" or "safetensors"
 
@@ -141,7 +143,7 @@ class Config:
 
     @property
     def resolved_hw(self) -> tuple[int, int]:
-        return default_hw(self.resolved_stem, self.norm) if self.hw is None else self.hw
+        return DEFAULT_HW[self.resolved_stem] if self.hw is None else self.hw
 
     @property
     def block(self) -> str:
@@ -251,17 +253,27 @@ def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
         torch.save(state_dict, path)
 
 
-def build_flax(cfg: Config, weights_file: str | os.PathLike | None = None) -> nnx.Module:
-    model = flax_resnet.create_resnet(cfg.depth, **cfg.factory_kwargs(), rngs=nnx.Rngs(cfg.seed))
+def build_flax(
+    cfg: Config, weights_file: str | os.PathLike | None = None, dtype: Any = jnp.float32
+) -> nnx.Module:
+    """The Flax model of ``cfg`` with ``dtype`` compute and parameters (float64: call it
+    inside ``jax.enable_x64(True)``), loaded from ``weights_file`` if given."""
+    model = flax_resnet.create_resnet(
+        cfg.depth, **cfg.factory_kwargs(), dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(cfg.seed)
+    )
     if weights_file is not None:
         convert.load_torch_checkpoint(model, weights_file)
     return model
 
 
+def weights_path(cfg: Config, tmp_dir: str | os.PathLike) -> str:
+    return os.path.join(os.fspath(tmp_dir), f"{cfg.label}.{cfg.file_format}")
+
+
 def build_pair(cfg: Config, tmp_dir: str | os.PathLike) -> tuple[nn.Module, nnx.Module, str]:
     """The torch reference, its Flax twin loaded from a weight file, and that file's path."""
     torch_model = build_torch(cfg)
-    path = os.path.join(os.fspath(tmp_dir), f"{cfg.label}.{cfg.file_format}")
+    path = weights_path(cfg, tmp_dir)
     save_state_dict(torch_model, path)
     return torch_model, build_flax(cfg, path), path
 
@@ -295,51 +307,6 @@ def rel_err(actual: Any, expected: Any) -> float:
     return diff / scale
 
 
-@dataclasses.dataclass
-class ParityResult:
-    label: str
-    eval_logits: float
-    train_logits: float
-    stats: dict[str, float]  # running_mean / running_var keys
-    grads: dict[str, float]  # every parameter key
-    counters_ok: bool  # num_batches_tracked equal after the step
-    seconds: float = 0.0
-
-    @property
-    def worst_stats(self) -> float:
-        return max(self.stats.values(), default=0.0)
-
-    @property
-    def worst_grad(self) -> float:
-        return max(self.grads.values(), default=0.0)
-
-    def failures(self) -> list[str]:
-        out = []
-        if not self.eval_logits <= LOGIT_RTOL:
-            out.append(f"eval logits rel err {self.eval_logits:.3g} > {LOGIT_RTOL:g}")
-        if not self.train_logits <= LOGIT_RTOL:
-            out.append(f"train logits rel err {self.train_logits:.3g} > {LOGIT_RTOL:g}")
-        out += [
-            f"running stat {k} rel err {v:.3g} > {STATS_RTOL:g}"
-            for k, v in self.stats.items()
-            if not v <= STATS_RTOL
-        ]
-        out += [
-            f"grad {k} rel err {v:.3g} > {GRAD_RTOL:g}"
-            for k, v in self.grads.items()
-            if not v <= GRAD_RTOL
-        ]
-        if not self.counters_ok:
-            out.append("num_batches_tracked differs after one train step")
-        return out
-
-    def assert_ok(self) -> None:
-        failures = self.failures()
-        assert not failures, f"{self.label}: {len(failures)} failures:\n  " + "\n  ".join(
-            failures[:20]
-        )
-
-
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
@@ -364,21 +331,66 @@ def full_precision() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@dataclasses.dataclass
+class StepResult:
+    """One model's eval logits, then one train step: logits, state_dict after it, gradients
+    (PyTorch names and layouts), and the train-mode ReLU inputs (NCHW, in call order) where
+    recorded."""
+
+    eval_logits: np.ndarray
+    train_logits: np.ndarray
+    state: dict[str, np.ndarray]
+    grads: dict[str, np.ndarray]
+    relu_inputs: list[np.ndarray] | None = None
+
+
+# Per ReLU call (index in call order): where to override the ReLU and, there, whether it
+# passes (True: derivative 1) or blocks (False: derivative 0).
+ReluDecisions = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+class ReluProbe(TorchFunctionMode):
+    """Records the input of every ReLU torch runs (``F.relu``, ``nn.ReLU``, in place or not)
+    and, for the calls in ``decisions``, replaces ``relu(x)`` by ``x · pass`` at the given
+    elements: the same value to within |x|, with the derivative decided by ``pass``."""
+
+    _RELUS = frozenset({F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
+
+    def __init__(self, decisions: ReluDecisions | None = None):
+        super().__init__()
+        self.decisions = decisions or {}
+        self.inputs: list[np.ndarray] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self._RELUS:
+            return func(*args, **kwargs)
+        x = args[0]
+        index = len(self.inputs)
+        self.inputs.append(x.detach().numpy().copy())
+        if index not in self.decisions:
+            return func(*args, **kwargs)
+        where, passes = (torch.from_numpy(a) for a in self.decisions[index])
+        return torch.where(where, x * passes.to(x.dtype), torch.relu(x))
+
+
 def torch_step(
-    model: nn.Module, x: np.ndarray, labels: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Eval logits, then one train-mode forward/backward: (eval, train logits, state, grads)."""
+    model: nn.Module, x: np.ndarray, labels: np.ndarray, decisions: ReluDecisions | None = None
+) -> StepResult:
+    """Eval logits, then one train-mode forward/backward (ReLUs overridden by ``decisions``)."""
     xt = torch.from_numpy(x)
     model.eval()
     with torch.no_grad():
         y_eval = model(xt).numpy()
     model.train()
     model.zero_grad(set_to_none=True)
-    y_train = model(xt)
+    probe = ReluProbe(decisions)
+    with probe:
+        y_train = model(xt)
     F.cross_entropy(y_train, torch.from_numpy(labels)).backward()
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     grads = {k: p.grad.detach().numpy().copy() for k, p in model.named_parameters()}
-    return y_eval, y_train.detach().numpy(), state, grads
+    return StepResult(y_eval, y_train.detach().numpy(), state, grads, probe.inputs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -409,8 +421,9 @@ def _apply_unit(graphdef: Any, params: Any, rest: Any, x: jax.Array, pool: bool)
 
 @functools.partial(jax.jit, static_argnums=(0, 5), compiler_options=_COMPILER_OPTIONS)
 def _unit_vjp(graphdef, params, rest, x, grad_out, pool):
-    _, vjp = jax.vjp(lambda p, h: _apply_unit(graphdef, p, rest, h, pool), params, x)
-    return vjp(grad_out)
+    """(unit output, parameter gradients, input gradient) of one train-mode unit."""
+    out, vjp = jax.vjp(lambda p, h: _apply_unit(graphdef, p, rest, h, pool), params, x)
+    return (out, *vjp(grad_out))
 
 
 def model_units(model: nnx.Module) -> list[tuple[nnx.Module, bool]]:
@@ -445,7 +458,7 @@ def blockwise_grads(
         strict=True,
     ):
         graphdef, params, rest = nnx.split(unit, nnx.Param, ...)
-        param_grads, grad = _unit_vjp(graphdef, params, rest, h, grad, pool)
+        _, param_grads, grad = _unit_vjp(graphdef, params, rest, h, grad, pool)
         nnx.update(grad_unit, param_grads)
     return logits, grad_model
 
@@ -467,7 +480,7 @@ def whole_model_grads(
 
 def flax_step(
     model: nnx.Module, x: np.ndarray, labels: np.ndarray, grads_fn=blockwise_grads
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+) -> StepResult:
     """The same as ``torch_step`` for the Flax model (updates its batch stats in place)."""
     xf, lab = nhwc(x), jnp.asarray(labels)
     model.eval()
@@ -478,72 +491,371 @@ def flax_step(
     # Export the gradients with the library's own PyTorch naming and layout transposes.
     grad_sd = convert.to_numpy_state_dict(grad_model)
     params = {key for key, _, var in convert.model_variables(model) if isinstance(var, nnx.Param)}
-    return y_eval, np.asarray(y_train), state, {k: grad_sd[k] for k in params}
+    return StepResult(y_eval, np.asarray(y_train), state, {k: grad_sd[k] for k in params})
 
 
-def compare(torch_model: nn.Module, flax_model: nnx.Module, cfg: Config) -> ParityResult:
-    import time
+# ------------------------------------------------------------------------------------------
+# unit by unit, from the exact inputs
+#
+# The float32 claim for gradients is judged one unit (stem, block, pooled classifier) at a
+# time: every float32 unit gets the float64 reference's input and output gradient (rounded
+# to float32) and its output, input gradient and parameter gradients are compared with the
+# float64 unit's. Across a whole model, rounding differences of the forward pass are
+# amplified by its conditioning before they reach a gradient (InstanceNorm over 2x2 maps:
+# 1e4x), so whole-model float32 gradients of two correct implementations can differ by 10x
+# more than either block does (measured: ResNet-101 InstanceNorm, CIFAR stem: whole-model
+# flax32/torch32 error ratio 11.8, worst unit ratio 1.1); unit by unit there is no such
+# amplification, and a block that computes less accurately than PyTorch's shows directly.
+# The whole-model float32 figures stay in the report as information.
 
-    start = time.perf_counter()
-    x, labels = make_inputs(cfg)
-    with full_precision():
-        t_eval, t_train, t_state, t_grads = torch_step(torch_model, x, labels)
-        f_eval, f_train, f_state, f_grads = flax_step(flax_model, x, labels)
-    if set(t_grads) != set(f_grads):
-        raise AssertionError(
-            f"parameter sets differ: only torch {sorted(set(t_grads) - set(f_grads))}, "
-            f"only flax {sorted(set(f_grads) - set(t_grads))}"
+
+def torch_units(model: nn.Module) -> list[Any]:
+    """``torch_ref``'s units in the order ``forward`` applies them (the last one pools)."""
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        return model.fc(model.avg_pool(h).flatten(1))
+
+    return [model.conv1, *(b for n in model.stage_names for b in getattr(model, n)), head]
+
+
+@dataclasses.dataclass
+class UnitRun:
+    """Every unit of one model, run in train mode on given inputs and output gradients
+    (PyTorch layouts)."""
+
+    inputs: list[np.ndarray]
+    output_grads: list[np.ndarray]
+    outputs: list[np.ndarray]
+    input_grads: list[np.ndarray | None]  # None for the image
+    grads: dict[str, np.ndarray]  # parameter key -> gradient
+    relu_inputs: list[list[np.ndarray]]  # per unit, in call order
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        out = {f"unit{i}/out": y for i, y in enumerate(self.outputs)}
+        out.update((f"unit{i}/input_grad", g) for i, g in enumerate(self.input_grads)
+                   if g is not None)
+        out.update((f"grad/{k}", g) for k, g in self.grads.items())
+        return out
+
+
+def torch_unit_run(
+    model: nn.Module,
+    inputs: list[np.ndarray] | np.ndarray,
+    output_grads: list[np.ndarray] | np.ndarray,
+    decisions: dict[int, ReluDecisions] | None = None,
+) -> UnitRun:
+    """Run ``model``'s units on ``inputs`` / ``output_grads`` (lists, one per unit), or, given
+    the image and labels instead, chain them: each unit's input is the previous unit's output
+    and each output gradient the next unit's input gradient (the model's own step)."""
+    units = torch_units(model)
+    chained = not isinstance(inputs, list)
+    names = {id(p): k for k, p in model.named_parameters()}
+    model.train()
+    model.zero_grad(set_to_none=True)
+    if chained:
+        h, ins = torch.from_numpy(inputs), []
+        with torch.no_grad():
+            for unit in units:
+                ins.append(h.numpy().copy())
+                h = unit(h)
+        logits = h.clone().requires_grad_(True)
+        F.cross_entropy(logits, torch.from_numpy(output_grads)).backward()
+        inputs, next_grad = ins, logits.grad.numpy().copy()
+    n = len(units)
+    outputs, input_grads, grads_out, relus = [None] * n, [None] * n, [None] * n, [None] * n
+    for i in reversed(range(n)):
+        h = torch.from_numpy(inputs[i].copy()).requires_grad_(i > 0)
+        probe = ReluProbe((decisions or {}).get(i))
+        with probe:
+            y = units[i](h)
+        grads_out[i] = next_grad if chained else output_grads[i]
+        y.backward(torch.from_numpy(grads_out[i]))
+        outputs[i], relus[i] = y.detach().numpy().copy(), probe.inputs
+        input_grads[i] = h.grad.numpy().copy() if i > 0 else None
+        next_grad = input_grads[i]
+    grads = {names[id(p)]: p.grad.numpy().copy() for p in model.parameters()}
+    return UnitRun(inputs, grads_out, outputs, input_grads, grads, relus)
+
+
+def _to_flax(a: np.ndarray, dtype: Any) -> jax.Array:
+    return nhwc(a.astype(dtype)) if a.ndim == 4 else jnp.asarray(a.astype(dtype))
+
+
+def _to_torch_layout(a: jax.Array) -> np.ndarray:
+    a = np.asarray(a)
+    return a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
+
+
+def _unit_relu_inputs(unit: nnx.Module, pool: bool, h: jax.Array) -> list[np.ndarray]:
+    """The ReLU inputs of one train-mode Flax unit, walked as ``ResNet``'s ``conv1``
+    (a Sequential) and ``BasicBlock/BottleNeck.__call__`` apply them
+    (``test_flax_relu_walk_is_the_model`` checks the walk against the model)."""
+    if pool:
+        return []
+    unit = nnx.clone(unit)
+    out: list[jax.Array] = []
+
+    def walk(seq: nnx.Sequential, x: jax.Array) -> jax.Array:
+        for layer in seq.layers:
+            if layer is nnx.relu:
+                out.append(x)
+            x = layer(x)
+        return x
+
+    if isinstance(unit, nnx.Sequential):
+        walk(unit, h)
+    else:
+        out.append(walk(unit.residual_function, h) + unit.shortcut(h))
+    return [_to_torch_layout(a) for a in out]
+
+
+def flax_unit_run(model: nnx.Module, ref: UnitRun, with_relus: bool = False) -> UnitRun:
+    """Every unit of the Flax ``model`` on ``ref``'s inputs and output gradients, rounded to
+    the model's dtype."""
+    dtype = model.fc.kernel[...].dtype
+    grad_model = nnx.clone(model)
+    outputs, input_grads, relus = [], [], []
+    for i, ((unit, pool), (grad_unit, _)) in enumerate(
+        zip(model_units(model), model_units(grad_model), strict=True)
+    ):
+        h = _to_flax(ref.inputs[i], dtype)
+        graphdef, params, rest = nnx.split(unit, nnx.Param, ...)
+        out, param_grads, input_grad = _unit_vjp(
+            graphdef, params, rest, h, _to_flax(ref.output_grads[i], dtype), pool
         )
-    if set(t_state) != set(f_state):
-        raise AssertionError(
-            f"state_dict keys differ: only torch {sorted(set(t_state) - set(f_state))}, "
-            f"only flax {sorted(set(f_state) - set(t_state))}"
-        )
-    stats = {
-        k: rel_err(f_state[k], t_state[k])
-        for k in t_state
-        if k.endswith(("running_mean", "running_var"))
+        nnx.update(grad_unit, param_grads)
+        outputs.append(_to_torch_layout(out))
+        input_grads.append(_to_torch_layout(input_grad) if i > 0 else None)
+        relus.append(_unit_relu_inputs(unit, pool, h) if with_relus else [])
+    grad_sd = convert.to_numpy_state_dict(grad_model)
+    return UnitRun(ref.inputs, ref.output_grads, outputs, input_grads,
+                   {k: grad_sd[k] for k in ref.grads}, relus)
+
+
+def flax_relu_inputs(model: nnx.Module, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """All train-mode ReLU inputs of ``model`` in call order (NCHW) and its logits, walking
+    each unit with ``_unit_relu_inputs``."""
+    model = nnx.clone(model)
+    model.train()
+    h, out = nhwc(x), []
+    for unit, pool in model_units(model):
+        out += _unit_relu_inputs(unit, pool, h)
+        h = unit(jnp.mean(h, axis=(1, 2)) if pool else h)
+    return out, np.asarray(h)
+
+
+def relu_decisions(float32: list[np.ndarray], float64: list[np.ndarray]) -> ReluDecisions:
+    """Where a float32 model's ReLU took the other side of zero than float64's, and how."""
+    out: ReluDecisions = {}
+    for i, (a, b) in enumerate(zip(float32, float64, strict=True)):
+        flipped = (a > 0) != (b > 0)
+        if flipped.any():
+            out[i] = (flipped, a > 0)
+    return out
+
+
+def unit_decisions(run: UnitRun, ref: UnitRun) -> dict[int, ReluDecisions]:
+    per_unit = {i: relu_decisions(a, b) for i, (a, b) in
+                enumerate(zip(run.relu_inputs, ref.relu_inputs, strict=True)) if a}
+    return {i: d for i, d in per_unit.items() if d}
+
+
+# ------------------------------------------------------------------------------------------
+# comparing
+
+
+def step_errors(actual: StepResult, ref: StepResult) -> dict[str, float]:
+    """Relative error of every compared tensor of a whole-model step: ``logits/eval``,
+    ``logits/train``, ``stats/<running_mean|var key>``, ``grad/<param key>``."""
+    for name, a, b in (("parameter", actual.grads, ref.grads), ("state", actual.state, ref.state)):
+        if set(a) != set(b):
+            raise AssertionError(
+                f"{name} sets differ: only here {sorted(set(a) - set(b))}, "
+                f"only in the reference {sorted(set(b) - set(a))}"
+            )
+    out = {
+        "logits/eval": rel_err(actual.eval_logits, ref.eval_logits),
+        "logits/train": rel_err(actual.train_logits, ref.train_logits),
     }
-    counters_ok = all(
-        int(f_state[k]) == int(t_state[k]) for k in t_state if k.endswith("num_batches_tracked")
+    out.update(
+        (f"stats/{k}", rel_err(actual.state[k], v))
+        for k, v in ref.state.items()
+        if k.endswith(("running_mean", "running_var"))
     )
+    out.update((f"grad/{k}", rel_err(actual.grads[k], v)) for k, v in ref.grads.items())
+    return out
+
+
+def unit_errors(run: UnitRun, ref: UnitRun) -> dict[str, float]:
+    """Relative error of every unit output, unit input gradient and parameter gradient."""
+    actual = run.tensors()
+    return {k: rel_err(actual[k], v) for k, v in ref.tensors().items()}
+
+
+def forward_only(errors: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in errors.items() if not k.startswith("grad/")}
+
+
+def counters_equal(actual: StepResult, ref: StepResult) -> bool:
+    return all(
+        int(actual.state[k]) == int(v)
+        for k, v in ref.state.items()
+        if k.endswith("num_batches_tracked")
+    )
+
+
+def float32_ok(flax32: float, torch32: float) -> bool:
+    return flax32 <= F32_K * torch32 + F32_FLOOR
+
+
+@dataclasses.dataclass
+class ParityResult:
+    """Relative errors per tensor of one configuration.
+
+    ``f64``: flax64 vs torch64 over the whole step (``step_errors`` keys), the proof.
+    ``flax32`` / ``torch32``: each float32 model vs torch64, the claim: the whole step's
+    logits and running statistics, and unit by unit (``unit_errors`` keys) every unit output,
+    unit input gradient and parameter gradient (against the ReLU-re-decided reference where
+    that model flipped a ReLU). ``relu``: ``unit<i>/relu<j>`` input errors (flax32, torch32)
+    of the ReLUs flax32 flipped. ``whole32``: the whole-model float32 gradient errors vs
+    torch64, ``{"flax": ..., "torch": ...}`` (information). ``abs32``: flax32 vs torch32 over
+    the whole step, the earlier absolute figures (information).
+    """
+
+    label: str
+    f64: dict[str, float]
+    flax32: dict[str, float]
+    torch32: dict[str, float]
+    abs32: dict[str, float]
+    whole32: dict[str, dict[str, float]]
+    counters_ok: bool  # num_batches_tracked equal after the step (float64 and float32)
+    relu_flips: dict[str, int] = dataclasses.field(default_factory=dict)  # re-decided elements
+    relu: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def worst_f64(self) -> tuple[float, str]:
+        return max((v, k) for k, v in self.f64.items())
+
+    def ratio(self, key: str) -> float:
+        """flax32's error over torch32's (0 where both are exact)."""
+        f, t = self.flax32[key], self.torch32[key]
+        return f / t if t > 0 else (0.0 if f == 0 else float("inf"))
+
+    @property
+    def worst_ratio(self) -> tuple[float, str]:
+        """The largest flax32/torch32 error ratio over the tensors above the floor."""
+        above = [(self.ratio(k), k) for k, v in self.flax32.items() if v > F32_FLOOR]
+        return max(above, default=(0.0, "–"))
+
+    def failures(self) -> list[str]:
+        out = [f"float64 {k} rel err {v:.3g} > {F64_RTOL:g}" for k, v in self.f64.items()
+               if not v <= F64_RTOL]
+        out += [
+            f"float32 {k}: flax err {v:.3g} > {F32_K:g} x torch err {self.torch32[k]:.3g} "
+            f"+ {F32_FLOOR:g}"
+            for k, v in self.flax32.items()
+            if not float32_ok(v, self.torch32[k])
+        ]
+        out += [
+            f"float32 {k} (a flipped ReLU's input): flax err {f:.3g} > {F32_K:g} x torch err "
+            f"{t:.3g} + {F32_FLOOR:g}, so the flip is not float32 rounding"
+            for k, (f, t) in self.relu.items()
+            if not float32_ok(f, t)
+        ]
+        if not self.counters_ok:
+            out.append("num_batches_tracked differs after one train step")
+        return out
+
+    def assert_ok(self) -> None:
+        failures = self.failures()
+        assert not failures, f"{self.label}: {len(failures)} failures:\n  " + "\n  ".join(
+            failures[:20]
+        )
+
+
+@dataclasses.dataclass
+class Models:
+    """The four models of one configuration, all holding the same weights."""
+
+    torch32: nn.Module
+    torch64: nn.Module
+    flax32: nnx.Module
+    flax64: nnx.Module  # use inside jax.enable_x64(True)
+
+
+def build_models(cfg: Config, tmp_dir: str | os.PathLike) -> Models:
+    torch32, flax32, path = build_pair(cfg, tmp_dir)
+    with jax.enable_x64(True):
+        flax64 = build_flax(cfg, path, dtype=jnp.float64)
+    return Models(torch32, copy.deepcopy(torch32).double(), flax32, flax64)
+
+
+def compare(models: Models, cfg: Config) -> ParityResult:
+    """Run one eval + train step on the four models and judge them (see the module doc).
+
+    Train-mode outputs do not depend on the running statistics, so the unit runs after the
+    whole-model steps see the same computation."""
+    start = time.perf_counter()
+    x32, labels = make_inputs(cfg)
+    x64 = x32.astype(np.float64)
+    with full_precision():
+        t64 = torch_step(models.torch64, x64, labels)
+        t32 = torch_step(models.torch32, x32, labels)
+        f32 = flax_step(models.flax32, x32, labels)
+        with jax.enable_x64(True):
+            f64 = flax_step(models.flax64, x64, labels)
+
+        ref = torch_unit_run(models.torch64, x64, labels)
+        torch_units32 = torch_unit_run(
+            models.torch32,
+            [a.astype(np.float32) for a in ref.inputs],
+            [g.astype(np.float32) for g in ref.output_grads],
+        )
+        torch_flips = unit_decisions(torch_units32, ref)
+        torch_ref = (torch_unit_run(models.torch64, ref.inputs, ref.output_grads, torch_flips)
+                     if torch_flips else ref)
+        torch32 = {**forward_only(step_errors(t32, t64)), **unit_errors(torch_units32, torch_ref)}
+        flax_units32 = flax_unit_run(models.flax32, ref)
+        flax32 = {**forward_only(step_errors(f32, t64)), **unit_errors(flax_units32, ref)}
+        relu: dict[str, tuple[float, float]] = {}
+        flax_flips: dict[int, ReluDecisions] = {}
+        if not all(float32_ok(v, torch32[k]) for k, v in flax32.items()):
+            # A gradient only a ReLU decision explains? Re-decide those and look again.
+            flax_units32 = flax_unit_run(models.flax32, ref, with_relus=True)
+            flax_flips = unit_decisions(flax_units32, ref)
+            if flax_flips:
+                rerun = torch_unit_run(models.torch64, ref.inputs, ref.output_grads, flax_flips)
+                flax32.update(unit_errors(flax_units32, rerun))
+                relu = {
+                    f"unit{i}/relu{j}": (
+                        rel_err(flax_units32.relu_inputs[i][j], ref.relu_inputs[i][j]),
+                        rel_err(torch_units32.relu_inputs[i][j], ref.relu_inputs[i][j]),
+                    )
+                    for i, calls in flax_flips.items()
+                    for j in calls
+                }
+
+    def flips(decisions: dict[int, ReluDecisions]) -> int:
+        return int(sum(w.sum() for calls in decisions.values() for w, _ in calls.values()))
+
+    def grads_only(errors: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in errors.items() if k.startswith("grad/")}
+
     return ParityResult(
         label=cfg.label,
-        eval_logits=rel_err(f_eval, t_eval),
-        train_logits=rel_err(f_train, t_train),
-        stats=stats,
-        grads={k: rel_err(f_grads[k], t_grads[k]) for k in t_grads},
-        counters_ok=counters_ok,
+        f64=step_errors(f64, t64),
+        flax32=flax32,
+        torch32=torch32,
+        abs32=step_errors(f32, t32),
+        whole32={"flax": grads_only(step_errors(f32, t64)),
+                 "torch": grads_only(step_errors(t32, t64))},
+        counters_ok=counters_equal(f64, t64) and counters_equal(f32, t32),
+        relu_flips={"flax": flips(flax_flips), "torch": flips(torch_flips)},
+        relu=relu,
         seconds=time.perf_counter() - start,
     )
 
 
 def run_config(cfg: Config, tmp_dir: str | os.PathLike) -> ParityResult:
-    torch_model, flax_model, _ = build_pair(cfg, tmp_dir)
-    return compare(torch_model, flax_model, cfg)
-
-
-def torch_float32_floor(cfg: Config) -> ParityResult:
-    """PyTorch float32 against PyTorch float64 on the same weights and input.
-
-    This is the conditioning floor of the configuration: no float32 implementation can be
-    expected to agree with another more closely than it agrees with the exact result.
-    """
-    model32 = build_torch(cfg)
-    model64 = copy.deepcopy(model32).double()
-    x, labels = make_inputs(cfg)
-    with full_precision():
-        a = torch_step(model32, x, labels)
-        b = torch_step(model64, x.astype(np.float64), labels)
-    return ParityResult(
-        label=cfg.label,
-        eval_logits=rel_err(a[0], b[0]),
-        train_logits=rel_err(a[1], b[1]),
-        stats={
-            k: rel_err(a[2][k], b[2][k])
-            for k in b[2]
-            if k.endswith(("running_mean", "running_var"))
-        },
-        grads={k: rel_err(a[3][k], b[3][k]) for k in b[3]},
-        counters_ok=True,
-    )
+    return compare(build_models(cfg, tmp_dir), cfg)
