@@ -245,9 +245,12 @@ def _load(
     missing = sorted(set(targets) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(targets))
     if missing or unexpected:
+        looks = detect_naming(state_dict)
+        hint = (f"; its keys look like {looks} naming, not {naming}: pass naming={looks!r} "
+                "or naming='auto'" if looks != naming else "")
         raise ConversionError(
             f"state_dict does not match the model: missing keys {_key_list(missing)}, "
-            f"unexpected keys {_key_list(unexpected)}"
+            f"unexpected keys {_key_list(unexpected)}{hint}"
         )
     staged, bad = {}, []
     for key, (path, var) in targets.items():
@@ -272,11 +275,12 @@ def _load(
 
 
 def load_torch_state_dict(
-    model: nnx.Module, state_dict: Mapping[str, Any], naming: str = "torch_ref"
+    model: nnx.Module, state_dict: Mapping[str, Any], naming: str = "auto"
 ) -> nnx.Module:
     """Copy a PyTorch state_dict (tensors or arrays) into ``model`` in place.
 
-    ``naming``: ``torch_ref`` (default), ``torchvision`` or ``auto`` (see :func:`detect_naming`).
+    ``naming``: ``auto`` (default: detected from the keys, see :func:`detect_naming`),
+    ``torch_ref`` or ``torchvision``.
     Every key must match: missing, unexpected and mis-shaped keys raise ``ConversionError``
     naming them (no partial load). Values are cast to each Flax variable's dtype.
     """
@@ -682,7 +686,11 @@ def load_pretrained(
     state_dict, naming = _read_any(path, naming)
     kept = _load(model, state_dict, naming, keep_classifier=True)
     if kept:
-        log.info("%s: kept the model's freshly initialised classifier %s", path, kept)
+        log.warning(
+            "%s: the classifier does not fit the model's %d classes (or the file has none): "
+            "kept the model's freshly initialised %s",
+            path, out_features, ", ".join(kept),
+        )
     return model
 
 

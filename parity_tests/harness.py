@@ -317,12 +317,14 @@ def full_precision() -> Iterator[None]:
     """True float32 matmuls/convs on accelerators too (no TF32); one torch CPU thread.
 
     The tensors here are tiny: one intra-op thread is faster than two, and immune to a busy
-    machine's scheduling. Everything is restored on exit.
+    machine's scheduling. ``PARITY_TORCH_THREADS=N`` runs torch with N threads instead (a
+    different summation order: the criteria must hold either way). Everything is restored on
+    exit.
     """
     allow = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     threads = torch.get_num_threads()
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("PARITY_TORCH_THREADS", "1")))
     try:
         with jax.default_matmul_precision("highest"):
             yield

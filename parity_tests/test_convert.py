@@ -190,6 +190,43 @@ def test_missing_and_unexpected_keys_are_both_named(pair):
     assert "layer1.0.conv1.weight" in msg and "conv2_x.0.residual_function.0.weight" in msg
 
 
+def test_every_loader_detects_the_naming(pair, tmp_path):
+    """``load_torch_state_dict``, ``load_torch_checkpoint`` and ``load_pretrained`` all take a
+    torchvision-named state_dict without being told (``naming="auto"`` is the default)."""
+    model, state_dict = pair
+    torchvision_sd = {convert.torchvision_key(k): v for k, v in state_dict.items()}
+    expected = {k: np.asarray(v) for k, v in state_dict.items()}
+    path = tmp_path / "tv.pt"
+    torch.save(torchvision_sd, path)
+    for load in (lambda m: convert.load_torch_state_dict(m, torchvision_sd),
+                 lambda m: convert.load_torch_checkpoint(m, path),
+                 lambda m: convert.load_pretrained(m, path)):
+        fresh = nnx.clone(model)
+        load(fresh)
+        got = convert.to_numpy_state_dict(fresh)
+        assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def test_forced_naming_that_does_not_fit_says_which_naming_the_keys_look_like(pair):
+    model, state_dict = pair
+    torchvision_sd = {convert.torchvision_key(k): v for k, v in state_dict.items()}
+    with pytest.raises(ConversionError, match="look like torchvision naming, not torch_ref"):
+        convert.load_torch_state_dict(model, torchvision_sd, naming="torch_ref")
+
+
+def test_pretrained_with_another_classifier_size_warns(tmp_path, caplog):
+    cfg = Config(depth=18, norm="bn", num_classes=100)
+    path = tmp_path / "hundred.pt"
+    torch.save(build_torch(cfg).state_dict(), path)
+    model = flax_resnet.create_resnet(18, width=cfg.resolved_width, num_classes=10,
+                                      rngs=nnx.Rngs(0))
+    with caplog.at_level("WARNING", logger="flax_resnet.convert"):
+        convert.load_pretrained(model, path)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings and "10 classes" in warnings[0].getMessage()
+    assert "fc.weight" in warnings[0].getMessage()
+
+
 @pytest.mark.parametrize(
     "key,bad_shape",
     [
