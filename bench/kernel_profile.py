@@ -24,11 +24,7 @@ import re
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # `python bench/kernel_profile.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.configs import BenchConfig, parse_config  # noqa: E402
 from bench.flops import device_rates  # noqa: E402

@@ -30,9 +30,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python bench/roofline.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.configs import BenchConfig, parse_config  # noqa: E402
 from bench.flops import DeviceRates, device_rates, resnet_flops  # noqa: E402
 from bench.gpu_targets import GPU_TARGETS, target_config  # noqa: E402

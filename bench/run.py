@@ -33,9 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python bench/run.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.configs import PRESETS, BenchConfig, parse_configs  # noqa: E402
 from bench.report import render_markdown  # noqa: E402
 

@@ -282,7 +282,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):
-        sys.path.insert(0, str(ROOT))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     raise SystemExit(main())

@@ -218,12 +218,12 @@ def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() ->
     """
     import jax
     import torch
-    from harness import randomize_norms_
 
     import torch_ref
     from flax_resnet import training as T
     from flax_resnet.convert import load_torch_state_dict
     from flax_resnet.data import normalize, synthetic_dataset
+    from parity_tests.harness import randomize_norms_
     from torch_ref.training import evaluate as torch_evaluate
     from torch_ref.training import nhwc_to_nchw
     from torch_ref.training import normalize as torch_normalize

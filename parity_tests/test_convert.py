@@ -11,13 +11,21 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from harness import LOGIT_RTOL, Config, build_flax, build_torch, make_inputs, nhwc, rel_err
 from safetensors.torch import load_file as load_safetensors_torch
 
 import flax_resnet
 import torch_ref
 from flax_resnet import convert
 from flax_resnet.convert import ConversionError
+from parity_tests.harness import (
+    LOGIT_RTOL,
+    Config,
+    build_flax,
+    build_torch,
+    make_inputs,
+    nhwc,
+    rel_err,
+)
 
 # Small models covering: both blocks, both stems, both shortcuts, every norm's parameters.
 ROUND_TRIP = [

@@ -21,7 +21,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from harness import (
+
+import flax_resnet
+import torch_ref
+from flax_resnet import convert, norms
+from parity_tests.harness import (
     F64_RTOL,
     GRAD_RTOL,
     NORMS,
@@ -47,10 +51,6 @@ from harness import (
     unit_errors,
     whole_model_grads,
 )
-
-import flax_resnet
-import torch_ref
-from flax_resnet import convert, norms
 
 
 def _ids(configs: list[Config]) -> list[str]:

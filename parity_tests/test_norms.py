@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from harness import rel_err
 from torch import nn
 
 import torch_ref
 from flax_resnet import norms as fnorms
+from parity_tests.harness import rel_err
 
 RTOL = 1e-5  # outputs and running stats, see the module docstring
 # bfloat16 keeps 8 significant bits: one rounding of the output is <= 2^-9 relative, and

@@ -30,12 +30,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "parity_tests"))
+import flax
+import jax
+import torch
 
-import flax  # noqa: E402
-import harness  # noqa: E402
-import jax  # noqa: E402
-import torch  # noqa: E402
+from parity_tests import harness
 
 FULL_WIDTH_HEAVY = 0.5  # 101/152 at full width take minutes each on CPU
 

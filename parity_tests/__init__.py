@@ -1,0 +1,1 @@
+"""The parity proof: flax_resnet against torch_ref (``harness`` holds the comparison)."""
