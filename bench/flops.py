@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flax_resnet.models import resolve_arch
+from flax_resnet.config import ARCHS, ModelConfig, stage_widths
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,9 @@ def resnet_flops(
     in_channels: int = 3,
 ) -> FlopCount:
     """FLOPs of one image through ``create_resnet(depth, stem=..., width=...)``."""
-    spec, stem, shortcut, channels = resolve_arch(depth, stem, shortcut, width)
+    cfg = ModelConfig(depth=depth, stem=stem, shortcut=shortcut, width=width)
+    spec, stem, shortcut = ARCHS[depth], cfg.stem, cfg.shortcut
+    channels = stage_widths(depth, width)
     conv = 0
 
     def add_conv(h: int, w: int, cin: int, cout: int, k: int, s: int) -> tuple[int, int]:

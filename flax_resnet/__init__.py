@@ -1,30 +1,36 @@
-"""ResNets in Flax NNX with PyTorch semantics, a PyTorch reference and proven parity."""
+"""ResNets in Flax NNX with PyTorch semantics, a PyTorch reference and proven parity.
 
-from flax_resnet import convert, init, norms
-from flax_resnet.models import (
-    ARCHS,
-    DEPTHS,
-    SHORTCUTS,
-    STEMS,
-    BasicBlock,
-    BottleNeck,
-    ResNet,
-    ZeroPadShortcut,
-    create_resnet,
-)
-from flax_resnet.norms import (
-    NORMS,
-    BatchNorm2d,
-    GroupNorm,
-    InstanceNorm2d,
-    LayerNorm,
-    RMSNorm,
-    RMSNorm2d,
-    make_norm,
-)
+Attributes load on first use, so ``flax_resnet.config`` (the vocabulary and the model
+config, which ``torch_ref`` reads too) imports without JAX.
+"""
 
-__all__ = [
-    "ARCHS", "DEPTHS", "NORMS", "SHORTCUTS", "STEMS", "BasicBlock", "BatchNorm2d", "BottleNeck",
-    "GroupNorm", "InstanceNorm2d", "LayerNorm", "RMSNorm", "RMSNorm2d", "ResNet",
-    "ZeroPadShortcut", "convert", "create_resnet", "init", "make_norm", "norms",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_SUBMODULES = ("config", "convert", "init", "models", "norms")
+_EXPORTS = {
+    "config": ("ModelConfig",),
+    "models": ("ARCHS", "DEPTHS", "SHORTCUTS", "STEMS", "BasicBlock", "BottleNeck", "ResNet",
+               "ZeroPadShortcut", "create_resnet", "from_config"),
+    "norms": ("NORMS", "BatchNorm2d", "GroupNorm", "InstanceNorm2d", "LayerNorm", "RMSNorm",
+              "RMSNorm2d", "make_norm"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted([*_SUBMODULES, *_WHERE])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"flax_resnet.{name}")
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"flax_resnet.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'flax_resnet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

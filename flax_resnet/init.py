@@ -19,11 +19,14 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.nn.initializers import Initializer
+
+from flax_resnet.config import INIT_SCHEMES, canonical_init
 
 __all__ = [
     "INIT_SCHEMES",
@@ -534,56 +537,35 @@ class InitScheme:
     linear_bias: Callable[[int], Initializer]  # given the layer's fan_in
 
 
-INIT_SCHEMES: tuple[str, ...] = (
-    "torch",
-    "seed",
-    "torchvision",
-    "kaiming_normal",
-    "kaiming_uniform",
-    "xavier_normal",
-    "xavier_uniform",
-    "orthogonal",
-)
-
-
 def _zero_bias(fan_in: int) -> Initializer:
     del fan_in
     return zeros()
 
 
+def _same(kernel: Initializer) -> tuple[Initializer, Initializer, Callable[[int], Initializer]]:
+    return kernel, kernel, _zero_bias
+
+
+_RELU_GAIN = calculate_gain("relu")
+# name -> () -> (conv kernel, classifier kernel, classifier bias given its fan_in)
+_SCHEME_BUILDERS: dict[str, Callable[[], tuple[Any, Any, Any]]] = {
+    "torch": lambda: (torch_default_kernel(), torch_default_kernel(), torch_default_bias),
+    # The study's init_weights(): He fan_out for convs, Glorot (ReLU gain) for the head.
+    "study": lambda: (kaiming_normal(mode="fan_out", nonlinearity="relu"),
+                      xavier_uniform(gain=_RELU_GAIN), _zero_bias),
+    # torchvision.models.resnet re-inits convs but leaves nn.Linear at its defaults.
+    "torchvision": lambda: (kaiming_normal(mode="fan_out", nonlinearity="relu"),
+                            torch_default_kernel(), torch_default_bias),
+    "kaiming_normal": lambda: _same(kaiming_normal(mode="fan_in", nonlinearity="relu")),
+    "kaiming_uniform": lambda: _same(kaiming_uniform(mode="fan_in", nonlinearity="relu")),
+    "xavier_normal": lambda: _same(xavier_normal(gain=1.0)),
+    "xavier_uniform": lambda: _same(xavier_uniform(gain=1.0)),
+    "orthogonal": lambda: (orthogonal(gain=_RELU_GAIN), orthogonal(gain=1.0), _zero_bias),
+}
+assert tuple(_SCHEME_BUILDERS) == INIT_SCHEMES
+
+
 def get_init_scheme(name: str) -> InitScheme:
     """The named model-level init scheme (one of ``INIT_SCHEMES``)."""
-    relu_gain = calculate_gain("relu")
-    if name == "torch":
-        return InitScheme(name, torch_default_kernel(), torch_default_kernel(), torch_default_bias)
-    if name == "seed":
-        # The seed study's init_weights(): He fan_out for convs, Glorot(relu gain) for the head.
-        return InitScheme(
-            name,
-            kaiming_normal(mode="fan_out", nonlinearity="relu"),
-            xavier_uniform(gain=relu_gain),
-            _zero_bias,
-        )
-    if name == "torchvision":
-        # torchvision.models.resnet re-inits convs but leaves nn.Linear at its defaults.
-        return InitScheme(
-            name,
-            kaiming_normal(mode="fan_out", nonlinearity="relu"),
-            torch_default_kernel(),
-            torch_default_bias,
-        )
-    if name == "kaiming_normal":
-        k = kaiming_normal(mode="fan_in", nonlinearity="relu")
-        return InitScheme(name, k, k, _zero_bias)
-    if name == "kaiming_uniform":
-        k = kaiming_uniform(mode="fan_in", nonlinearity="relu")
-        return InitScheme(name, k, k, _zero_bias)
-    if name == "xavier_normal":
-        k = xavier_normal(gain=1.0)
-        return InitScheme(name, k, k, _zero_bias)
-    if name == "xavier_uniform":
-        k = xavier_uniform(gain=1.0)
-        return InitScheme(name, k, k, _zero_bias)
-    if name == "orthogonal":
-        return InitScheme(name, orthogonal(gain=relu_gain), orthogonal(gain=1.0), _zero_bias)
-    raise ValueError(f"Unknown init scheme {name!r}; expected one of {INIT_SCHEMES}")
+    name = canonical_init(name)
+    return InitScheme(name, *_SCHEME_BUILDERS[name]())

@@ -15,39 +15,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_resnet.init import INIT_SCHEMES, InitScheme, get_init_scheme
-from flax_resnet.norms import canonical_norm, make_norm, norm_scale
+from flax_resnet.config import (  # noqa: F401  (re-exported: the model's vocabulary)
+    ARCHS,
+    DEPTHS,
+    SHORTCUTS,
+    STEMS,
+    ArchSpec,
+    ModelConfig,
+    stage_widths,
+)
+from flax_resnet.init import InitScheme, get_init_scheme
+from flax_resnet.norms import make_norm, norm_scale
 
 Dtype = Any
-
-STEMS: tuple[str, ...] = ("imagenet", "cifar")
-SHORTCUTS: tuple[str, ...] = ("A", "B")
-
-
-@dataclasses.dataclass(frozen=True)
-class ArchSpec:
-    block: str  # "basic" or "bottleneck"
-    blocks_per_stage: tuple[int, ...]
-    stage_channels: tuple[int, ...]
-    default_stem: str
-    default_shortcut: str
-
-
-def _he_cifar(depth: int) -> ArchSpec:
-    n = (depth - 2) // 6
-    return ArchSpec("basic", (n, n, n), (16, 32, 64), "cifar", "A")
-
-
-_IMAGENET_CHANNELS = (64, 128, 256, 512)
-ARCHS: dict[int, ArchSpec] = {
-    18: ArchSpec("basic", (2, 2, 2, 2), _IMAGENET_CHANNELS, "imagenet", "B"),
-    34: ArchSpec("basic", (3, 4, 6, 3), _IMAGENET_CHANNELS, "imagenet", "B"),
-    50: ArchSpec("bottleneck", (3, 4, 6, 3), _IMAGENET_CHANNELS, "imagenet", "B"),
-    101: ArchSpec("bottleneck", (3, 4, 23, 3), _IMAGENET_CHANNELS, "imagenet", "B"),
-    152: ArchSpec("bottleneck", (3, 8, 36, 3), _IMAGENET_CHANNELS, "imagenet", "B"),
-    **{d: _he_cifar(d) for d in (20, 32, 44, 56, 110)},
-}
-DEPTHS: tuple[int, ...] = tuple(ARCHS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,27 +225,6 @@ class ResNet(nnx.Module):
         return self.fc(x)
 
 
-def _choice(kind: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(map(str, allowed))}")
-
-
-def resolve_arch(
-    depth: int, stem: str | None, shortcut: str | None, width: float
-) -> tuple[ArchSpec, str, str, tuple[int, ...]]:
-    """Validate names and return the spec, stem, shortcut and scaled stage widths."""
-    _choice("depth", depth, DEPTHS)
-    spec = ARCHS[depth]
-    stem = spec.default_stem if stem is None else stem
-    _choice("stem", stem, STEMS)
-    shortcut = spec.default_shortcut if shortcut is None else str(shortcut).upper()
-    _choice("shortcut", shortcut, SHORTCUTS)
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width!r}")
-    channels = tuple(max(1, round(c * width)) for c in spec.stage_channels)
-    return spec, stem, shortcut, channels
-
-
 def create_resnet(
     depth: int,
     *,
@@ -296,24 +255,41 @@ def create_resnet(
     zero_init_residual: zero the scale of each block's last norm, so blocks start as identity.
     dtype / param_dtype: compute and parameter dtypes (norms compute and keep statistics in
       at least float32; float64 throughout for a float64 model).
+
+    The arguments are validated as a ``flax_resnet.config.ModelConfig``; ``from_config``
+    builds from one.
     """
-    spec, stem, shortcut, channels = resolve_arch(depth, stem, shortcut, width)
-    norm = canonical_norm(norm)
-    _choice("init", init, INIT_SCHEMES)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    layers = LayerFactory(norm, norm_groups, get_init_scheme(init), dtype, param_dtype, rngs)
+    cfg = ModelConfig(
+        depth=depth, norm=norm, stem=stem, num_classes=num_classes, width=width,
+        shortcut=shortcut, init=init, norm_groups=norm_groups,
+        zero_init_residual=zero_init_residual, in_channels=in_channels,
+    )
+    return from_config(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def from_config(
+    cfg: ModelConfig,
+    *,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> ResNet:
+    """The ResNet ``cfg`` describes (see ``create_resnet``)."""
+    spec = ARCHS[cfg.depth]
+    layers = LayerFactory(
+        cfg.norm, cfg.norm_groups, get_init_scheme(cfg.init), dtype, param_dtype, rngs
+    )
     model = ResNet(
         BLOCKS[spec.block],
         spec.blocks_per_stage,
-        channels,
+        stage_widths(cfg.depth, cfg.width),
         layers,
-        stem=stem,
-        shortcut=shortcut,
-        num_classes=num_classes,
-        in_channels=in_channels,
+        stem=cfg.stem,
+        shortcut=cfg.shortcut,
+        num_classes=cfg.num_classes,
+        in_channels=cfg.in_channels,
     )
-    if zero_init_residual:
+    if cfg.zero_init_residual:
         for block in model.blocks():
             scale = norm_scale(block.last_norm)
             if scale is not None:

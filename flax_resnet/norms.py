@@ -12,45 +12,16 @@ maps them to PyTorch's (``weight``, ``bias``, ``running_mean``, ``running_var``)
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_resnet.config import NORM_ALIASES, NORMS, canonical_norm  # noqa: F401  (re-exported)
+
 Dtype = Any
-
-NORMS: tuple[str, ...] = ("bn", "ln", "gn", "in", "rms")
-_NORM_ALIASES: dict[str, str] = {
-    "bn": "bn",
-    "batch": "bn",
-    "batchnorm": "bn",
-    "ln": "ln",
-    "layer": "ln",
-    "layernorm": "ln",
-    "gn": "gn",
-    "group": "gn",
-    "groupnorm": "gn",
-    "in": "in",
-    "instance": "in",
-    "instancenorm": "in",
-    "rms": "rms",
-    "rmsnorm": "rms",
-}
-
-
-def canonical_norm(name: str) -> str:
-    """Map a norm name or alias (``batch``, ``layer``, ...) to its short name."""
-    key = name.lower() if isinstance(name, str) else name
-    if key not in _NORM_ALIASES:
-        raise ValueError(
-            f"unknown norm {name!r}; allowed: {', '.join(NORMS)} "
-            f"(aliases: {', '.join(k for k in _NORM_ALIASES if k not in NORMS)})"
-        )
-    return _NORM_ALIASES[key]
-
 
 def _check_input(layer: str, x: jax.Array, ndims: Sequence[int], channels: int | None) -> None:
     if x.ndim not in ndims:
@@ -422,6 +393,29 @@ class RMSNorm2d(nnx.Module):
         return self.norm(x)
 
 
+def _group_norm(num_channels: int, groups: int, kw: dict[str, Any]) -> GroupNorm:
+    if num_channels % groups != 0:
+        divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
+        raise ValueError(
+            f"norm 'gn' with groups={groups} does not divide the {num_channels} channels of "
+            f"a layer; the divisors of {num_channels}: {', '.join(map(str, divisors))}"
+        )
+    return GroupNorm(groups, num_channels, **kw)
+
+
+# The norm after each conv, by canonical name: (channels, groups, dtype kwargs) -> layer.
+# ``ln`` and ``in`` are the study's GroupNorm forms for conv nets: one group, and one group
+# per channel.
+NORM_LAYERS: dict[str, Callable[[int, int, dict[str, Any]], nnx.Module]] = {
+    "bn": lambda c, g, kw: BatchNorm2d(c, **kw),
+    "ln": lambda c, g, kw: GroupNorm(1, c, **kw),
+    "gn": _group_norm,
+    "in": lambda c, g, kw: GroupNorm(c, c, **kw),
+    "rms": lambda c, g, kw: RMSNorm2d(c, **kw),
+}
+assert tuple(NORM_LAYERS) == NORMS
+
+
 def make_norm(
     name: str,
     num_channels: int,
@@ -430,28 +424,10 @@ def make_norm(
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
 ) -> nnx.Module:
-    """The norm layer a ResNet uses after each conv, chosen by name (see ``NORMS``).
-
-    ``ln`` and ``in`` are the seed's GroupNorm forms for conv nets: one group, and one group
-    per channel.
-    """
-    kind = canonical_norm(name)
-    kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype)
-    if kind == "bn":
-        return BatchNorm2d(num_channels, **kw)
-    if kind == "ln":
-        return GroupNorm(1, num_channels, **kw)
-    if kind == "gn":
-        if num_channels % groups != 0:
-            raise ValueError(
-                f"norm 'gn' with groups={groups} does not divide the {num_channels} channels of "
-                f"a layer; choose norm_groups from the common divisors of the model's widths "
-                f"(e.g. {math.gcd(num_channels, 2**10)})"
-            )
-        return GroupNorm(groups, num_channels, **kw)
-    if kind == "in":
-        return GroupNorm(num_channels, num_channels, **kw)
-    return RMSNorm2d(num_channels, **kw)
+    """The norm layer a ResNet uses after each conv, chosen by name or alias (see ``NORMS``)."""
+    return NORM_LAYERS[canonical_norm(name)](
+        num_channels, groups, dict(dtype=dtype, param_dtype=param_dtype)
+    )
 
 
 def norm_scale(norm: nnx.Module) -> nnx.Param | None:

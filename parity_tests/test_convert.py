@@ -322,8 +322,29 @@ def test_bad_width_raises(package, factory, width):
 
 @pytest.mark.parametrize("package,factory", _factories(), ids=["flax", "torch"])
 def test_gn_groups_not_dividing_channels_raises(package, factory):
-    with pytest.raises(ValueError, match="groups=3"):
+    with pytest.raises(ValueError, match="norm_groups 3 does not divide"):
         factory(norm="gn", norm_groups=3, width=0.125)
+
+
+@pytest.mark.parametrize("package,factory", _factories(), ids=["flax", "torch"])
+@pytest.mark.parametrize("groups", [0, -4, 2.5, True])
+def test_bad_group_counts_raise_naming_the_value(package, factory, groups):
+    """Checked before any channel arithmetic (no ZeroDivisionError), in both frameworks."""
+    with pytest.raises(ValueError, match=rf"norm_groups {re.escape(repr(groups))} is not allowed"):
+        factory(norm="gn", norm_groups=groups, width=0.125)
+
+
+@pytest.mark.parametrize("package,factory", _factories(), ids=["flax", "torch"])
+def test_groups_that_do_not_divide_list_the_valid_ones(package, factory):
+    # width 1/8: stage widths 8, 16, 32, 64 -> common divisors 1, 2, 4, 8
+    with pytest.raises(ValueError, match=r"choose a common divisor: 1, 2, 4, 8$"):
+        factory(norm="gn", norm_groups=16, width=0.125)
+
+
+@pytest.mark.parametrize("package,factory", _factories(), ids=["flax", "torch"])
+def test_the_study_init_has_its_old_name_too(package, factory):
+    """Runs written before the study's init was called ``study`` said ``seed``."""
+    factory(init="seed", width=0.125)
 
 
 @pytest.mark.parametrize("package,factory", _factories(), ids=["flax", "torch"])

@@ -556,8 +556,8 @@ def test_every_scheme_produces_right_shapes(name):
     assert bias.dtype == jnp.float32
 
 
-def test_seed_scheme_statistics():
-    scheme = finit.get_init_scheme("seed")
+def test_study_scheme_statistics():
+    scheme = finit.get_init_scheme("study")
     fan_in, fan_out = torch_fans(CONV)
     assert_moments(scheme.conv_kernel(key(), CONV), 0.0, math.sqrt(2.0) / math.sqrt(fan_out))
     lin = np.asarray(scheme.linear_kernel(key(), DENSE))

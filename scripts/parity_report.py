@@ -91,9 +91,11 @@ def row(cfg: harness.Config, r: harness.ParityResult) -> tuple[str, dict[str, fl
         f"{worst(r.abs32, 'logits/'):.1e}", f"{worst(r.abs32, 'grad/'):.1e}",
         f"{r.seconds:.1f}{mark}",
     ]
+    needed = max(((v - harness.F32_FLOOR) / r.torch32[k] for k, v in r.flax32.items()
+                   if r.torch32[k] > 0), default=0.0)
     figures = {
         "float64": f64, "flax32": r.flax32[flax_key], "torch32": worst(r.torch32),
-        "ratio": ratio, "abs32 logits": worst(r.abs32, "logits/"),
+        "ratio": ratio, "K needed": needed, "abs32 logits": worst(r.abs32, "logits/"),
         "abs32 grads": worst(r.abs32, "grad/"),
         "flips": r.relu_flips.get("flax", 0) + r.relu_flips.get("torch", 0),
     }
@@ -123,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         f"· torch {torch.__version__} · {device()}",
         "",
         "Per tensor: relative error max|x - ref| / max|ref|; each column is the worst over "
-        "the configuration's tensors (eval and train logits, running statistics after one "
-        "train step, every parameter gradient). Bars: float64 flax64 vs torch64 <= "
+        "the configuration's tensors. float64: eval and train logits, running statistics "
+        "after one train step and every parameter gradient of the whole step. float32: the "
+        "logits and running statistics of the whole step, and unit by unit (stem, blocks, "
+        "pooled classifier; each float32 unit fed the float64 unit's input and output "
+        "gradient) every unit output, unit input gradient and parameter gradient. "
+        "Bars: float64 flax64 vs torch64 <= "
         f"{harness.F64_RTOL:g}; float32 flax32 vs torch64 <= {harness.F32_K:g} x (torch32 vs "
         f"torch64) + {harness.F32_FLOOR:g}. *ratio*: the largest flax32/torch32 error ratio "
         f"over the tensors whose error is above {harness.F32_FLOOR:g}. *ReLU re-decided*: "
@@ -161,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{count} configurations, {failed} failing, {time.perf_counter() - start:.0f} s. Worst "
         "per column: " + ", ".join(
             f"{k} {v:.0f}" if k == "flips" else f"{k} {v:.1e}" for k, v in totals.items()
-        ) + " (flips: total ReLU elements re-decided).",
+        ) + " (flips: total ReLU elements re-decided; K needed: the largest "
+        f"(flax32 - {harness.F32_FLOOR:g}) / torch32 over all tensors, against the bar "
+        f"{harness.F32_K:g}).",
     ]
     lines += summary
     print("\n".join(summary))

@@ -13,16 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_ref.norms import canonical_norm, make_norm
-
-STEMS = ("imagenet", "cifar")
-SHORTCUTS = ("A", "B")
-INIT_SCHEMES = (
-    "torch", "seed", "torchvision", "kaiming_normal", "kaiming_uniform",
-    "xavier_normal", "xavier_uniform", "orthogonal",
+from flax_resnet.config import (  # noqa: F401  (the shared vocabulary, re-exported)
+    INIT_SCHEMES,
+    SHORTCUTS,
+    STEMS,
+    ModelConfig,
+    canonical_init,
 )
+from torch_ref.norms import make_norm
+
 _IMAGENET = (64, 128, 256, 512)
-# depth: (block, blocks per stage, stage channels, default stem, default shortcut)
+# depth: (block, blocks per stage, stage channels, default stem, default shortcut); written
+# from the study, independently of flax_resnet's table (a test checks that the two agree).
 ARCHS = {
     18: ("basic", (2, 2, 2, 2), _IMAGENET, "imagenet", "B"),
     34: ("basic", (3, 4, 6, 3), _IMAGENET, "imagenet", "B"),
@@ -160,7 +162,7 @@ _SHARED_WEIGHT_INIT = {
 # scheme: (conv weight init, linear weight init; None keeps PyTorch's default weight and bias)
 _SCHEMES = {
     "torch": (None, None),
-    "seed": (
+    "study": (
         partial(nn.init.kaiming_normal_, mode="fan_out", nonlinearity="relu"),
         partial(nn.init.xavier_uniform_, gain=_RELU_GAIN),
     ),
@@ -174,12 +176,11 @@ assert tuple(_SCHEMES) == INIT_SCHEMES
 def init_weights(model: nn.Module, scheme: str) -> None:
     """Apply an init scheme with ``torch.nn.init`` (``torch`` keeps PyTorch's defaults).
 
-    ``seed`` is the Q4 recipe: Kaiming normal fan_out for convs, zero bias, Xavier uniform with
-    ReLU gain for the classifier. Norm layers keep ones/zeros in every scheme.
+    ``study`` is the study's ``init_weights``: Kaiming normal fan_out for convs, zero bias,
+    Xavier uniform with ReLU gain for the classifier. Norm layers keep ones/zeros in every
+    scheme.
     """
-    if scheme not in _SCHEMES:
-        raise ValueError(f"unknown init {scheme!r}; allowed: {', '.join(INIT_SCHEMES)}")
-    conv_init, linear_init = _SCHEMES[scheme]
+    conv_init, linear_init = _SCHEMES[canonical_init(scheme)]
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and conv_init is not None:
             conv_init(m.weight)
@@ -197,24 +198,21 @@ def create_resnet(depth: int, *, norm: str = "bn", stem: str | None = None, num_
                   width: float = 1.0, shortcut: str | None = None, init: str = "torch",
                   norm_groups: int = 32, zero_init_residual: bool = False,
                   in_channels: int = 3) -> ResNet:
-    """Same arguments as ``flax_resnet.create_resnet`` (less rngs and dtypes)."""
-    if depth not in ARCHS:
-        raise ValueError(f"unknown depth {depth!r}; allowed: {', '.join(map(str, ARCHS))}")
-    block, num_block, channels, default_stem, default_shortcut = ARCHS[depth]
-    stem = default_stem if stem is None else stem
-    if stem not in STEMS:
-        raise ValueError(f"unknown stem {stem!r}; allowed: {', '.join(STEMS)}")
-    shortcut = default_shortcut if shortcut is None else str(shortcut).upper()
-    if shortcut not in SHORTCUTS:
-        raise ValueError(f"unknown shortcut {shortcut!r}; allowed: {', '.join(SHORTCUTS)}")
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width!r}")
-    channels = tuple(max(1, round(c * width)) for c in channels)
+    """Same arguments as ``flax_resnet.create_resnet`` (less rngs and dtypes), validated by
+    the same ``flax_resnet.config.ModelConfig``."""
+    cfg = ModelConfig(
+        depth=depth, norm=norm, stem=stem, num_classes=num_classes, width=width,
+        shortcut=shortcut, init=init, norm_groups=norm_groups,
+        zero_init_residual=zero_init_residual, in_channels=in_channels,
+    )
+    block, num_block, channels, _, _ = ARCHS[cfg.depth]
+    channels = tuple(max(1, round(c * cfg.width)) for c in channels)
     block_cls = BasicBlock if block == "basic" else BottleNeck
-    model = ResNet(block_cls, num_block, channels, num_classes, stem, canonical_norm(norm),
-                   norm_groups, shortcut, in_channels)
+    model = ResNet(block_cls, num_block, channels, cfg.num_classes, cfg.stem, cfg.norm,
+                   cfg.norm_groups, cfg.shortcut, cfg.in_channels)
+    init = cfg.init
     init_weights(model, init)
-    if zero_init_residual:
+    if cfg.zero_init_residual:
         for m in model.modules():
             if isinstance(m, (BasicBlock, BottleNeck)):
                 weight = _last_norm(m).weight

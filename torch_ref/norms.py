@@ -5,19 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NORMS: tuple[str, ...] = ("bn", "ln", "gn", "in", "rms")
-_ALIASES = {
-    "batch": "bn", "batchnorm": "bn", "layer": "ln", "layernorm": "ln", "group": "gn",
-    "groupnorm": "gn", "instance": "in", "instancenorm": "in", "rmsnorm": "rms",
-    **{n: n for n in NORMS},
-}
-
-
-def canonical_norm(name: str) -> str:
-    key = name.lower() if isinstance(name, str) else name
-    if key not in _ALIASES:
-        raise ValueError(f"unknown norm {name!r}; allowed: {', '.join(NORMS)}")
-    return _ALIASES[key]
+from flax_resnet.config import NORMS, canonical_norm  # noqa: F401  (re-exported)
 
 
 class RMSNorm2d(nn.Module):
@@ -37,20 +25,24 @@ class RMSNorm2d(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+def _group_norm(num_channels: int, groups: int) -> nn.GroupNorm:
+    if num_channels % groups != 0:
+        raise ValueError(
+            f"norm 'gn' with groups={groups} does not divide {num_channels} channels"
+        )
+    return nn.GroupNorm(groups, num_channels)
+
+
+# The study's comment: layernorm = GroupNorm(1, C), groupnorm = GroupNorm(32, C),
+# instancenorm = GroupNorm(C, C); plus its RMSNorm2d.
+NORM_LAYERS = {
+    "bn": lambda c, g: nn.BatchNorm2d(c),
+    "ln": lambda c, g: nn.GroupNorm(1, c),
+    "gn": _group_norm,
+    "in": lambda c, g: nn.GroupNorm(c, c),
+    "rms": lambda c, g: RMSNorm2d(c),
+}
+
+
 def make_norm(name: str, num_channels: int, groups: int = 32) -> nn.Module:
-    """The seed's comment in Q2: layernorm = GroupNorm(1, C), groupnorm = GroupNorm(32, C),
-    instancenorm = GroupNorm(C, C); plus RMSNorm2d from Q1."""
-    kind = canonical_norm(name)
-    if kind == "bn":
-        return nn.BatchNorm2d(num_channels)
-    if kind == "ln":
-        return nn.GroupNorm(1, num_channels)
-    if kind == "gn":
-        if num_channels % groups != 0:
-            raise ValueError(
-                f"norm 'gn' with groups={groups} does not divide {num_channels} channels"
-            )
-        return nn.GroupNorm(groups, num_channels)
-    if kind == "in":
-        return nn.GroupNorm(num_channels, num_channels)
-    return RMSNorm2d(num_channels)
+    return NORM_LAYERS[canonical_norm(name)](num_channels, groups)

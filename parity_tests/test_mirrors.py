@@ -1,0 +1,36 @@
+"""torch_ref mirrors flax_resnet's tables (written independently from the study); they agree."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch_ref
+import torch_ref.models
+import torch_ref.norms
+import torch_ref.training
+from flax_resnet import config, data, init, norms
+
+
+def test_architectures_agree():
+    flax_archs = {d: (*dataclasses.astuple(spec),) for d, spec in config.ARCHS.items()}
+    assert {d: tuple(a) for d, a in torch_ref.ARCHS.items()} == flax_archs
+
+
+def test_registries_use_the_same_names():
+    assert tuple(init._SCHEME_BUILDERS) == tuple(torch_ref.models._SCHEMES) == config.INIT_SCHEMES
+    assert tuple(norms.NORM_LAYERS) == tuple(torch_ref.norms.NORM_LAYERS) == config.NORMS
+
+
+def test_cifar_statistics_agree():
+    assert torch_ref.training.CIFAR10_MEAN == data.CIFAR10_MEAN
+    assert torch_ref.training.CIFAR10_STD == data.CIFAR10_STD
+
+
+def test_config_module_imports_without_jax_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, flax_resnet.config; "
+            "print(sorted(m for m in ('jax', 'torch', 'flax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
