@@ -12,6 +12,7 @@ from typing import Any
 _SUBMODULES = ("config", "convert", "init", "models", "norms")
 _EXPORTS = {
     "config": ("ModelConfig",),
+    "convert": ("load",),
     "models": ("ARCHS", "DEPTHS", "SHORTCUTS", "STEMS", "BasicBlock", "BottleNeck", "ResNet",
                "ZeroPadShortcut", "create_resnet", "from_config"),
     "norms": ("NORMS", "BatchNorm2d", "GroupNorm", "InstanceNorm2d", "LayerNorm", "RMSNorm",

@@ -90,6 +90,19 @@ class Checkpointer:
         )
         return restored.state, dict(restored.meta)
 
+    def restore_raw(self, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore ``step`` (default: the latest) as saved, without a target structure: the
+        state as nested dicts of arrays (``{"params": ..., "batch_stats": ..., ...}``, each
+        variable under a ``value`` key), and the metadata."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        )
+        return dict(restored.state), dict(restored.meta)
+
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step
         if step is None:

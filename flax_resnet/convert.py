@@ -61,6 +61,8 @@ TORCH_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin")
 PYTORCH_SUFFIXES: tuple[str, ...] = (*TORCH_SUFFIXES, ".safetensors")
 FLAX_STATE_FILE = "state.msgpack"
 FLAX_CONFIG_FILE = "config.json"
+RUN_CONFIG_FILE = "config.json"  # a train.py run directory: config.json + checkpoints/<step>/
+RUN_CHECKPOINT_DIR = "checkpoints"
 
 _LEAF_TO_TORCH = {
     "kernel": "weight",
@@ -636,25 +638,108 @@ def _flax_to_torch_ref(flat: Mapping[tuple, np.ndarray]) -> dict[str, np.ndarray
     return {torch_key(p): _to_torch_layout(p[-1], v) for p, v in flat.items()}
 
 
-def load_flax(path: str | os.PathLike) -> tuple[nnx.Module, dict[str, Any]]:
-    """Build the model of a Flax checkpoint directory (see :func:`save_flax`) and load it.
+def _is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, RUN_CONFIG_FILE)) and os.path.isdir(
+        os.path.join(path, RUN_CHECKPOINT_DIR)
+    )
 
-    Returns ``(model, config)``; the model is in training mode like a fresh ``create_resnet``.
-    """
-    config, flat = _read_flax(os.fspath(path))
+
+def _read_run(path: str, step: int | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(create_resnet config, torch_ref state_dict) of a ``train.py`` run directory at
+    ``step`` (default: the latest checkpoint)."""
+    from flax_resnet.checkpoint import Checkpointer
+    from flax_resnet.config import ModelConfig
+
+    try:
+        with open(os.path.join(path, RUN_CONFIG_FILE)) as f:
+            run_config = json.load(f)
+        model_fields = {f.name for f in ModelConfig.__dataclass_fields__.values()}
+        # A run's config.json is a flat TrainConfig (older runs) or holds a "model" entry.
+        source = run_config.get("model", run_config) if isinstance(run_config, dict) else {}
+        config = {k: v for k, v in source.items() if k in model_fields}
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConversionError(f"cannot read {path}/{RUN_CONFIG_FILE}: {err}") from err
+    absl = logging.getLogger("absl")  # Orbax's read-only notes are not the user's business
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    ckpt = Checkpointer(os.path.join(path, RUN_CHECKPOINT_DIR), read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise ConversionError(f"{path} is a run directory without any checkpoint yet")
+        if step is not None and step not in steps:
+            raise ConversionError(
+                f"{path} has no checkpoint of step {step}; it has steps "
+                f"{', '.join(map(str, sorted(steps)))}"
+            )
+        try:
+            state, _ = ckpt.restore_raw(step)
+        except Exception as err:
+            raise ConversionError(
+                f"cannot read the checkpoint of step {step or max(steps)} in {path}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+    finally:
+        ckpt.close()
+        absl.setLevel(level)
+    flat = {}
+    for part in ("params", "batch_stats"):
+        for p, v in _flatten(state.get(part, {})).items():
+            flat[p[:-1] if p[-1] == "value" else p] = np.asarray(v)
+    state_dict = _flax_to_torch_ref(flat)
+    if "fc.bias" not in state_dict:
+        raise ConversionError(f"the checkpoint in {path} holds no classifier (fc.bias)")
+    config["num_classes"] = int(state_dict["fc.bias"].shape[0])
+    return config, state_dict
+
+
+def read_saved(
+    path: str | os.PathLike, step: int | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The one reader of a saved model directory: a Flax checkpoint (:func:`save_flax`) or a
+    ``train.py`` run directory (its latest checkpoint, or ``step``). Returns
+    ``(create_resnet config, torch_ref state_dict)``."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ConversionError(f"no such directory: {path}")
+    if _is_flax_dir(path):
+        if step is not None:
+            raise ConversionError(f"{path} is a Flax checkpoint: it has no steps to choose")
+        config, flat = _read_flax(path)
+        return config, _flax_to_torch_ref(flat)
+    if _is_run_dir(path):
+        return _read_run(path, step)
+    raise ConversionError(
+        f"{path} is neither a Flax checkpoint ({FLAX_STATE_FILE} + {FLAX_CONFIG_FILE}) nor a "
+        f"train.py run directory ({RUN_CONFIG_FILE} + {RUN_CHECKPOINT_DIR}/)"
+    )
+
+
+def load(path: str | os.PathLike, step: int | None = None) -> tuple[nnx.Module, dict[str, Any]]:
+    """Build and load the model saved in ``path``: a Flax checkpoint directory or a
+    ``train.py`` run directory (latest checkpoint, or ``step``). Returns ``(model, config)``
+    with ``config`` the ``create_resnet`` keyword arguments; the model is in training mode
+    like a fresh ``create_resnet``."""
+    config, state_dict = read_saved(path, step)
     model = _abstract_model(config)
-    _load(model, _flax_to_torch_ref(flat), "torch_ref")
+    _load(model, state_dict, "torch_ref")
     return model, config
+
+
+def load_flax(path: str | os.PathLike) -> tuple[nnx.Module, dict[str, Any]]:
+    """:func:`load` of a Flax checkpoint directory (see :func:`save_flax`)."""
+    return load(path)
 
 
 # --- pretrained weights ------------------------------------------------------------------------
 
 
 def _read_any(path: str, naming: str = "auto") -> tuple[dict[str, Any], str]:
-    """(state_dict, its naming) of a PyTorch file or a Flax checkpoint directory."""
+    """(state_dict, its naming) of a PyTorch file or a saved model directory (a Flax
+    checkpoint or a ``train.py`` run)."""
     _check_naming(naming, allow_auto=True)
     if os.path.isdir(path):
-        return _flax_to_torch_ref(_read_flax(path)[1]), "torch_ref"
+        return read_saved(path)[1], "torch_ref"
     state_dict = _read_pytorch_file(path)
     return state_dict, detect_naming(state_dict) if naming == "auto" else naming
 
@@ -669,7 +754,8 @@ def load_pretrained(
     """Initialise ``model`` in place from pretrained weights and return it.
 
     ``path``: a ``torch_ref`` or torchvision state_dict (``.pt``/``.pth``/``.bin``/
-    ``.safetensors``; ``naming`` ``auto`` detects which) or a Flax checkpoint directory.
+    ``.safetensors``; ``naming`` ``auto`` detects which), a Flax checkpoint directory or a
+    ``train.py`` run directory (its latest checkpoint).
     Every backbone variable must match in name and shape. The classifier ``fc`` is loaded
     when its shape matches the model's; when it differs (e.g. torchvision's 1000 ImageNet
     classes into a 10-class model) or the file has none, the model keeps its freshly
@@ -707,7 +793,10 @@ def _parser() -> argparse.ArgumentParser:
             "the keys and shapes; the options below fill in or override it."
         ),
     )
-    p.add_argument("src", help="a PyTorch weight file or a Flax checkpoint directory")
+    p.add_argument(
+        "src",
+        help="a PyTorch weight file, a Flax checkpoint directory or a train.py --workdir",
+    )
     p.add_argument(
         "dst",
         help="a .pt/.pth/.bin/.safetensors file, or a Flax checkpoint directory (no suffix)",
@@ -717,9 +806,11 @@ def _parser() -> argparse.ArgumentParser:
         help="naming of a PyTorch SRC (default: detected)",
     )
     p.add_argument(
-        "--to-naming", choices=NAMINGS,
+        "--to-naming", "--to", dest="to_naming", choices=NAMINGS,
         help="naming of a PyTorch DST (default: SRC's naming; torch_ref from a Flax SRC)",
     )
+    p.add_argument("--step", type=int,
+                   help="the checkpoint step of a train.py --workdir SRC (default: the latest)")
     p.add_argument("--depth", type=int, help="ResNet depth (inferred from the blocks per stage)")
     p.add_argument("--norm", help="bn, ln, gn, in or rms (bn and rms are inferred)")
     p.add_argument("--norm-groups", type=int, help="groups of norm gn (default 32)")
@@ -738,7 +829,7 @@ def _is_flax_dst(path: str) -> bool:
 
 
 def convert(src: str, dst: str, *, naming: str = "auto", to_naming: str | None = None,
-            **arch: Any) -> tuple[nnx.Module, dict[str, Any], str]:
+            step: int | None = None, **arch: Any) -> tuple[nnx.Module, dict[str, Any], str]:
     """The command line's work: read ``src``, write ``dst``; returns (model, config, naming
     written or "flax")."""
     if not _is_flax_dst(dst) and _suffix(dst) not in PYTORCH_SUFFIXES:
@@ -750,12 +841,14 @@ def convert(src: str, dst: str, *, naming: str = "auto", to_naming: str | None =
         given = sorted(k for k, v in arch.items() if v is not None)
         if given:
             raise ConversionError(
-                f"{src} is a Flax checkpoint; its config.json fixes the architecture, so "
+                f"{src} is a saved model; its config.json fixes the architecture, so "
                 f"{', '.join('--' + k.replace('_', '-') for k in given)} cannot apply"
             )
-        model, config = load_flax(src)
+        model, config = load(src, step)
         src_naming = "torch_ref"
     else:
+        if step is not None:
+            raise ConversionError(f"--step chooses a checkpoint of a train.py run; {src} is a file")
         if _suffix(src) not in PYTORCH_SUFFIXES:
             raise ConversionError(
                 f"unknown weight file type {_suffix(src)!r} for {src}; a PyTorch SRC is one of "
@@ -781,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists(args.src):
             raise ConversionError(f"no such file or directory: {args.src}")
         _, config, written = convert(
-            args.src, args.dst, naming=args.naming, to_naming=args.to_naming, **arch
+            args.src, args.dst, naming=args.naming, to_naming=args.to_naming, step=args.step,
+            **arch,
         )
     except (ValueError, OSError) as err:  # ConversionError is a ValueError
         print(f"error: {err}", file=sys.stderr)
