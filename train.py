@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     from flax_resnet.init import INIT_SCHEMES
     from flax_resnet.models import DEPTHS, SHORTCUTS, STEMS
     from flax_resnet.norms import NORMS
-    from flax_resnet.training import DTYPES, OPTIMIZERS, PARALLEL_MODES, RECIPES, SCHEDULES
+    from flax_resnet.training import CLI_DTYPES, OPTIMIZERS, PARALLEL_MODES, RECIPES, SCHEDULES
 
     p = argparse.ArgumentParser(
         prog="train.py",
@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"groups of --norm gn; {d('norm_groups')}")
     g.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None,
                    help=f"zero each block's last norm scale; {d('zero_init_residual')}")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+    # float64 (training.DTYPES) is library-only: it needs 64-bit JAX (the parity tests).
+    g.add_argument("--dtype", choices=CLI_DTYPES, default=None,
                    help=f"compute dtype (params and optimizer state stay float32); {d('dtype')}")
     g.add_argument("--init-from", default=None, metavar="PATH",
                    help="start from pretrained weights (torch_ref/torchvision .pt/.pth/"

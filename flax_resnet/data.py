@@ -399,7 +399,9 @@ def augment_params(
     """Random crop offsets ``(B, 2)`` int32 (row, column) in ``[0, 2·pad]`` and flips ``(B,)``."""
     k_crop, k_flip = jax.random.split(rng)
     offsets = jax.random.randint(k_crop, (batch_size, 2), 0, 2 * pad + 1, dtype=jnp.int32)
-    flips = jax.random.bernoulli(k_flip, 0.5, (batch_size,))
+    # p in float32: the flips draw float32 uniforms whether or not JAX is 64-bit, so a
+    # float64 run (jax.enable_x64) sees the very same batches as a float32 one.
+    flips = jax.random.bernoulli(k_flip, np.float32(0.5), (batch_size,))
     return offsets, flips
 
 
@@ -418,7 +420,8 @@ def apply_augment(
         padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
         def crop(img: jax.Array, off: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+            # a 0 of the offsets' dtype: a Python 0 would be int64 under 64-bit JAX
+            return jax.lax.dynamic_slice(img, (off[0], off[1], off.dtype.type(0)), (h, w, c))
 
         cropped = jax.vmap(crop)(padded, offsets)
     return jnp.where(flips[:, None, None, None], cropped[:, :, ::-1, :], cropped)
@@ -436,8 +439,9 @@ def normalize(
     std: Sequence[float],
     dtype: jnp.dtype = jnp.float32,
 ) -> jax.Array:
-    """torchvision's ``ToTensor`` + ``Normalize``: ``(x / 255 - mean) / std`` in float32,
-    then cast to ``dtype``."""
-    x = images.astype(jnp.float32) / 255.0
-    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    """torchvision's ``ToTensor`` + ``Normalize``: ``(x / 255 - mean) / std`` in float32
+    (float64 for a float64 ``dtype``), then cast to ``dtype``."""
+    compute = jnp.promote_types(dtype, jnp.float32)
+    x = images.astype(compute) / 255.0
+    x = (x - jnp.asarray(mean, compute)) / jnp.asarray(std, compute)
     return x.astype(dtype)

@@ -44,7 +44,12 @@ from flax_resnet.init import INIT_SCHEMES
 from flax_resnet.models import DEPTHS, SHORTCUTS, STEMS, create_resnet
 from flax_resnet.norms import canonical_norm
 
-DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Compute dtypes. float32 and bfloat16 keep params, optimizer state and norm statistics in
+# float32; float64 is float64 throughout (params, moments, statistics, loss, schedule) and
+# needs 64-bit JAX (``with jax.enable_x64(True):``): the parity tests' semantic check runs
+# there, free of float32 rounding. The train.py CLI offers only ``CLI_DTYPES``.
+DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+CLI_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("seed", "step", "multistep", "cosine", "onecycle", "constant")
 PARALLEL_MODES: tuple[str, ...] = ("jit", "pmap")
@@ -71,7 +76,8 @@ class TrainConfig:
     init: str = "torch"
     norm_groups: int = 32
     zero_init_residual: bool = False
-    dtype: str = "float32"  # compute dtype; params and optimizer state stay float32
+    dtype: str = "float32"  # compute dtype; params and optimizer state float32 (float64 for
+    # "float64", which needs jax.enable_x64: see DTYPES)
     # optimization
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -242,8 +248,42 @@ def make_config(recipe: str = "seed", **overrides: Any) -> TrainConfig:
     return TrainConfig(**{**preset, **overrides}).validate()
 
 
+def x64_enabled() -> bool:
+    """Whether JAX is 64-bit now (``jax.enable_x64(True)`` or ``JAX_ENABLE_X64``)."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
+
+
+def compute_dtype(cfg: TrainConfig) -> Any:
+    """``cfg.dtype`` as a JAX dtype; ``ValueError`` for float64 while JAX is 32-bit, where it
+    would silently compute in float32."""
+    dtype = DTYPES[cfg.dtype]
+    if dtype == jnp.float64 and not x64_enabled():
+        raise ValueError(
+            "dtype float64 needs 64-bit JAX, which is off: build the model and the steps and "
+            "run them inside `with jax.enable_x64(True):` (or set JAX_ENABLE_X64=1); without "
+            "it JAX would compute in float32"
+        )
+    return dtype
+
+
+def param_dtype(cfg: TrainConfig) -> Any:
+    """Parameters (and so optimizer moments) are float32, or float64 for a float64 config."""
+    return jnp.float64 if compute_dtype(cfg) == jnp.float64 else jnp.float32
+
+
+def loss_dtype(cfg: TrainConfig) -> Any:
+    """The dtype of the loss and of its metric accumulator: float32, float64 for float64."""
+    return param_dtype(cfg)
+
+
+def _default_float() -> Any:
+    """float32, or float64 while JAX is 64-bit (read at trace time)."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
 def create_model(cfg: TrainConfig, num_classes: int, seed: int | None = None) -> nnx.Module:
-    """The ResNet a config describes (compute dtype ``cfg.dtype``, float32 params)."""
+    """The ResNet a config describes (compute dtype ``cfg.dtype``, ``param_dtype(cfg)``
+    params)."""
     return create_resnet(
         cfg.depth,
         norm=cfg.norm,
@@ -254,8 +294,8 @@ def create_model(cfg: TrainConfig, num_classes: int, seed: int | None = None) ->
         init=cfg.init,
         norm_groups=cfg.norm_groups,
         zero_init_residual=cfg.zero_init_residual,
-        dtype=DTYPES[cfg.dtype],
-        param_dtype=jnp.float32,
+        dtype=compute_dtype(cfg),
+        param_dtype=param_dtype(cfg),
         rngs=nnx.Rngs(cfg.seed if seed is None else seed),
     )
 
@@ -272,6 +312,7 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     update uses ``lr / warmup_steps``), then cosine to 0 at the last step. ``onecycle``:
     PyTorch ``OneCycleLR`` (cosine, no momentum cycling) with its defaults: from ``lr/25``
     up to ``lr`` over ``warmup_epochs`` (30% of training when 0), down to ``lr/25/1e4``.
+    Computed in float32, or float64 while JAX is 64-bit.
     """
     lr = float(cfg.lr)
     spe = int(steps_per_epoch)
@@ -285,7 +326,9 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     if cfg.schedule == "constant":
         return optax.constant_schedule(lr)
     if cfg.schedule == "seed":
-        return lambda count: lr * jnp.power(1.0 / 3.0, (epoch_of(count) // 20).astype(jnp.float32))
+        return lambda count: lr * jnp.power(
+            1.0 / 3.0, (epoch_of(count) // 20).astype(_default_float())
+        )
     if cfg.schedule in ("multistep", "step"):
         milestones = jnp.asarray(
             sorted(round(m * cfg.epochs) for m in cfg.lr_milestones), jnp.int32
@@ -294,7 +337,7 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
 
         def multistep(count: jax.Array) -> jax.Array:
             passed = jnp.sum(epoch_of(count) >= milestones)
-            return lr * jnp.power(gamma, passed.astype(jnp.float32))
+            return lr * jnp.power(gamma, passed.astype(_default_float()))
 
         return multistep
     warmup = int(round(cfg.warmup_epochs * spe))
@@ -302,7 +345,7 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
         decay = max(1, total - warmup)
 
         def cosine(count: jax.Array) -> jax.Array:
-            count = jnp.asarray(count, jnp.float32)
+            count = jnp.asarray(count, _default_float())
             warm = lr * (count + 1.0) / max(warmup, 1)
             t = jnp.clip((count - warmup) / decay, 0.0, 1.0)
             return jnp.where(count < warmup, warm, 0.5 * lr * (1.0 + jnp.cos(jnp.pi * t)))
@@ -321,7 +364,7 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
             return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * frac) + 1.0)
 
         def onecycle(count: jax.Array) -> jax.Array:
-            t = jnp.asarray(count, jnp.float32)
+            t = jnp.asarray(count, _default_float())
             rise = anneal(initial, lr, t / max(rise_end, 1e-9))
             frac = jnp.clip((t - rise_end) / max(fall_end - rise_end, 1e-9), 0.0, 1.0)
             return jnp.where(t <= rise_end, rise, anneal(lr, final, frac))
@@ -368,11 +411,11 @@ def cross_entropy(
 ) -> jax.Array:
     """Per-example ``torch.nn.CrossEntropyLoss(label_smoothing=ε, reduction='none')``.
 
-    Target ``(1 - ε)·onehot + ε/K``; computed in float32.
+    Target ``(1 - ε)·onehot + ε/K``; computed in float32 (float64 for float64 logits).
     """
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     num_classes = logits.shape[-1]
-    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits, targets)
@@ -432,18 +475,22 @@ def param_count(params: Any) -> int:
     return int(sum(np.prod(np.shape(p)) for p in jax.tree.leaves(params)))
 
 
-def zero_metrics() -> dict[str, jax.Array]:
-    """On-device accumulators: summed loss, correct predictions, examples."""
+def zero_metrics(dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+    """On-device accumulators: summed loss (in ``dtype``: ``loss_dtype(cfg)``), correct
+    predictions, examples."""
     return {
-        "loss_sum": jnp.zeros((), jnp.float32),
+        "loss_sum": jnp.zeros((), dtype),
         "correct": jnp.zeros((), jnp.int32),
         "count": jnp.zeros((), jnp.int32),
     }
 
 
-def replicate_metrics(values: dict[str, Any] | None, mesh: Mesh) -> dict[str, jax.Array]:
-    """Accumulators on the mesh, from host values (a checkpoint's partial epoch) or zeros."""
-    zeros = jax.device_get(zero_metrics())
+def replicate_metrics(
+    values: dict[str, Any] | None, mesh: Mesh, dtype: Any = jnp.float32
+) -> dict[str, jax.Array]:
+    """Accumulators on the mesh, from host values (a checkpoint's partial epoch) or zeros;
+    ``dtype`` as ``zero_metrics``."""
+    zeros = jax.device_get(zero_metrics(dtype))
     values = values or zeros
     return replicate({k: np.asarray(values[k], dtype=zeros[k].dtype) for k in zeros}, mesh)
 
@@ -568,11 +615,12 @@ def make_train_step(
     ``images`` / ``labels`` are the global batch sharded over ``'data'``; ``state`` and
     ``metrics`` are replicated and donated. ``parallel`` (default ``cfg.parallel``) is
     ``jit`` (global BatchNorm statistics) or ``pmap`` (per-device, DDP-like; see module doc).
+    The loss accumulates in ``metrics["loss_sum"]``'s dtype (``zero_metrics(loss_dtype(cfg))``).
     """
     parallel = parallel or cfg.parallel
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"unknown parallel mode {parallel!r}; allowed: {PARALLEL_MODES}")
-    dtype = DTYPES[cfg.dtype]
+    dtype = compute_dtype(cfg)
     smoothing = float(cfg.label_smoothing)
 
     def grads_global(params, batch_stats, x, labels):
@@ -603,6 +651,7 @@ def make_train_step(
         compute = grads_global
 
     def step(state: TrainState, metrics: dict, images: jax.Array, labels: jax.Array):
+        compute_dtype(cfg)  # at trace time too: a float64 step traced while JAX is 32-bit
         key = jax.random.fold_in(state.rng, state.step)
         x = images
         if cfg.augment:
@@ -616,7 +665,7 @@ def make_train_step(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
         new_metrics = {
-            "loss_sum": metrics["loss_sum"] + loss * n,
+            "loss_sum": metrics["loss_sum"] + (loss * n).astype(metrics["loss_sum"].dtype),
             "correct": metrics["correct"] + correct,
             "count": metrics["count"] + n,
         }
@@ -631,9 +680,9 @@ def make_train_step(
     )
 
 
-def eval_zero_metrics(flip: bool = False) -> dict[str, jax.Array]:
+def eval_zero_metrics(flip: bool = False, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
     """Eval accumulators; ``flip`` adds ``correct_flip`` (flip test-time augmentation)."""
-    metrics = zero_metrics()
+    metrics = zero_metrics(dtype)
     if flip:
         metrics["correct_flip"] = jnp.zeros((), jnp.int32)
     return metrics
@@ -642,17 +691,19 @@ def eval_zero_metrics(flip: bool = False) -> dict[str, jax.Array]:
 @dataclasses.dataclass(frozen=True)
 class EvalStep:
     """A jitted (or compiled) eval step and whether it scores flip test-time augmentation,
-    which decides its metrics' keys (``eval_zero_metrics(flip)``)."""
+    which decides its metrics' keys (``eval_zero_metrics(flip)``); ``loss_dtype`` is its loss
+    accumulator's."""
 
     fn: Callable[..., dict]
     flip: bool
+    loss_dtype: Any = jnp.float32
 
     def __call__(self, *args: Any) -> dict:
         return self.fn(*args)
 
     def zero_metrics(self, mesh: Mesh) -> dict[str, jax.Array]:
         """This step's accumulators, zero, replicated on ``mesh``."""
-        return replicate(jax.device_get(eval_zero_metrics(self.flip)), mesh)
+        return replicate(jax.device_get(eval_zero_metrics(self.flip, self.loss_dtype)), mesh)
 
 
 def make_eval_step(
@@ -669,10 +720,11 @@ def make_eval_step(
     ``cfg.eval_flip`` the metrics (``eval_zero_metrics(True)``) also count ``correct_flip``:
     predictions from the mean of the float32 logits of the image and its horizontal mirror.
     """
-    dtype = DTYPES[cfg.dtype]
+    dtype = compute_dtype(cfg)
     flip = bool(cfg.eval_flip)
 
     def step(params, batch_stats, metrics, images, labels, mask):
+        compute_dtype(cfg)  # at trace time too (see make_train_step)
         model = nnx.merge(eval_graphdef, params, batch_stats)
         x = data_lib.normalize(images, mean, std, dtype)
         if flip:  # one forward pass over the batch and its mirror (NHWC: axis 2 is the width)
@@ -683,12 +735,15 @@ def make_eval_step(
         valid = mask > 0
         correct = (jnp.argmax(logits, -1) == labels) & valid
         out = {
-            "loss_sum": metrics["loss_sum"] + jnp.sum(loss * mask),
+            "loss_sum": metrics["loss_sum"] + jnp.sum(loss * mask).astype(
+                metrics["loss_sum"].dtype
+            ),
             "correct": metrics["correct"] + jnp.sum(correct).astype(jnp.int32),
             "count": metrics["count"] + jnp.sum(valid).astype(jnp.int32),
         }
         if flip:
-            both = logits.astype(jnp.float32) + mirrored.astype(jnp.float32)
+            wide = jnp.promote_types(logits.dtype, jnp.float32)
+            both = logits.astype(wide) + mirrored.astype(wide)
             hit = (jnp.argmax(both, -1) == labels) & valid
             out["correct_flip"] = metrics["correct_flip"] + jnp.sum(hit).astype(jnp.int32)
         return out
@@ -700,7 +755,7 @@ def make_eval_step(
         out_shardings=repl,
         donate_argnums=(2,),
     )
-    return EvalStep(jitted, flip)
+    return EvalStep(jitted, flip, loss_dtype(cfg))
 
 
 def _like(tree: Any) -> Any:
@@ -732,14 +787,16 @@ def compile_steps(
 
     state_like = _like(state)
     train = train_step.lower(
-        state_like, _like(replicate_metrics(None, mesh)), *batch(batch_size)).compile()
+        # the loss accumulator's dtype is the config's, as the eval step's
+        state_like, _like(replicate_metrics(None, mesh, eval_step.loss_dtype)),
+        *batch(batch_size)).compile()
     evaluate = eval_step.fn.lower(
         state_like.params, state_like.batch_stats,
         _like(eval_step.zero_metrics(mesh)),
         *batch(eval_batch_size),
         jax.ShapeDtypeStruct((eval_batch_size,), jnp.float32, sharding=rows),
     ).compile()
-    return train, EvalStep(evaluate, eval_step.flip)
+    return train, EvalStep(evaluate, eval_step.flip, eval_step.loss_dtype)
 
 
 # --------------------------------------------------------------------------- loops

@@ -76,11 +76,13 @@ def normalize(
     images: torch.Tensor,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """torchvision's ``ToTensor`` + ``Normalize`` on uint8 NCHW: ``(x / 255 - mean) / std``."""
-    x = images.to(torch.float32) / 255.0
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    """torchvision's ``ToTensor`` + ``Normalize`` on uint8 NCHW: ``(x / 255 - mean) / std``,
+    computed in ``dtype`` (float32 as torchvision; float64 for a float64 model)."""
+    x = images.to(dtype) / 255.0
+    mean_t = torch.tensor(mean, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean_t) / std_t
 
 
