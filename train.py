@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a Flax NNX ResNet on CIFAR-10/100, an image folder or synthetic data.
 
-    python train.py                                   # the seed's Q2 run (ResNet-34, AdamW)
+    python train.py                                   # the study's run (ResNet-34, AdamW)
     python train.py --norm rms --depth 50             # same recipe, other model
     python train.py --recipe fast --dataset folder:data/cifar10-jpeg
     python train.py --recipe he --epochs 2 --dataset synthetic --workdir runs/smoke
@@ -94,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = _recipe_default
     g = p.add_argument_group("recipe and data")
     g.add_argument("--recipe", choices=tuple(RECIPES), default=None,
-                   help="preset: seed = the seed's Q2 run (ResNet-34, AdamW 1e-3, batch 100, "
+                   help="preset: study = the study's run (ResNet-34, AdamW 1e-3, batch 100, "
                    "80 epochs, lr/3 every 20); he = He et al. CIFAR (ResNet-32, SGD 0.1, "
                    "lr/10 at 50%%/75%%); fast = ResNet-18, SGD Nesterov, cosine, label "
-                   "smoothing, 30 epochs. Default: seed")
+                   "smoothing, 30 epochs. Default: study")
     g.add_argument("--dataset", default=None,
                    help=f"one of {', '.join(DATASET_SPECS)}; default cifar10")
     g.add_argument("--data-dir", default=os.environ.get("TFDS_DATA_DIR", "data"),
@@ -218,7 +218,7 @@ def resolve_config(args: argparse.Namespace, stored: dict[str, Any] | None):
 
     explicit = {f: getattr(args, f) for f in CONFIG_FLAGS if getattr(args, f) is not None}
     try:
-        requested = make_config(args.recipe or "seed", **explicit)
+        requested = make_config(args.recipe or "study", **explicit)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     if stored is None:

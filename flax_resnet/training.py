@@ -17,7 +17,7 @@ Data parallelism (``parallel``):
   Augmentation runs on the global batch before the ``shard_map``, so it is the same in
   both modes.
 
-Learning-rate schedules step at **epoch boundaries** for ``seed``, ``step``/``multistep``
+Learning-rate schedules step at **epoch boundaries** for ``study``, ``step``/``multistep``
 and ``constant`` (the value during epoch ``e`` is the value a PyTorch scheduler stepped once
 per epoch gives in epoch ``e``); ``cosine`` (with linear warmup) and ``onecycle`` change
 every step, like PyTorch's ``OneCycleLR`` or a per-batch stepped cosine (``onecycle`` is
@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flax_resnet import data as data_lib
+from flax_resnet.config import LEGACY_NAMES, SCHEDULE_ALIASES, canonical_schedule
 from flax_resnet.init import INIT_SCHEMES
 from flax_resnet.models import DEPTHS, SHORTCUTS, STEMS, create_resnet
 from flax_resnet.norms import canonical_norm
@@ -51,7 +52,9 @@ from flax_resnet.norms import canonical_norm
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 CLI_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adam")
-SCHEDULES: tuple[str, ...] = ("seed", "step", "multistep", "cosine", "onecycle", "constant")
+# The schedules, and "step" (an alias of "multistep"); "seed", the study schedule's old name,
+# is accepted in stored run configs (config.LEGACY_NAMES).
+SCHEDULES: tuple[str, ...] = tuple(SCHEDULE_ALIASES)
 PARALLEL_MODES: tuple[str, ...] = ("jit", "pmap")
 DATA_AXIS = "data"
 
@@ -63,7 +66,7 @@ DATA_AXIS = "data"
 class TrainConfig:
     """Everything that determines the trained model (the run's identity).
 
-    Defaults are the ``seed`` recipe: the seed study's Q2 run.
+    Defaults are the ``study`` recipe: the study's PyTorch run.
     """
 
     dataset: str = "cifar10"
@@ -87,7 +90,7 @@ class TrainConfig:
     decay_norm_and_bias: bool = True  # False: no weight decay on 1-D params (optax mask)
     batch_size: int = 100
     epochs: int = 80
-    schedule: str = "seed"
+    schedule: str = "study"
     warmup_epochs: float = 0.0
     lr_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of `epochs` (multistep)
     lr_gamma: float = 0.1  # multistep factor
@@ -127,10 +130,14 @@ class TrainConfig:
         shortcut = None if self.shortcut is None else str(self.shortcut).upper()
         if shortcut is not None:
             choice("shortcut", shortcut, SHORTCUTS)
-        choice("init", self.init, INIT_SCHEMES)
+        init = LEGACY_NAMES.get(self.init, self.init)
+        choice("init", init, INIT_SCHEMES)
         choice("dtype", self.dtype, tuple(DTYPES))
+        try:
+            schedule = canonical_schedule(self.schedule)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
         choice("optimizer", self.optimizer, OPTIMIZERS)
-        choice("schedule", self.schedule, SCHEDULES)
         choice("parallel", self.parallel, PARALLEL_MODES)
         positive("width", self.width)
         positive("lr", self.lr)
@@ -163,7 +170,8 @@ class TrainConfig:
             norm=norm,
             shortcut=shortcut,
             lr_milestones=tuple(float(m) for m in self.lr_milestones),
-            schedule="multistep" if self.schedule == "step" else self.schedule,
+            schedule=schedule,
+            init=init,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,10 +192,10 @@ class TrainConfig:
 
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # The seed study's Q2 run: ResNet-34, imagenet stem, BatchNorm, AdamW(1e-3) with
+    # The study's PyTorch run: ResNet-34, imagenet stem, BatchNorm, AdamW(1e-3) with
     # torch's default weight decay 1e-2 on every parameter, batch 100, 80 epochs, lr / 3
     # every 20 epochs.
-    "seed": {},
+    "study": {},
     # He et al. 2015, CIFAR-10 section: ResNet-32 (3x3 stem, option-A shortcuts), SGD 0.1,
     # momentum 0.9, weight decay 1e-4 (coupled, as torch SGD), batch 128, lr / 10 at 50% and
     # 75% of training (32k and 48k of 64k iterations ~ 164 epochs of 50k images).
@@ -232,12 +240,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def make_config(recipe: str = "seed", **overrides: Any) -> TrainConfig:
+def make_config(recipe: str = "study", **overrides: Any) -> TrainConfig:
     """The recipe's config with ``overrides`` (``None`` values are ignored), validated.
 
     When ``epochs`` is overridden but not ``warmup_epochs``, the preset's warmup is scaled
     by the same factor (``fast``: 2 of 30 epochs stays 1/15 of the run).
     """
+    recipe = LEGACY_NAMES.get(recipe, recipe)
     if recipe not in RECIPES:
         raise ValueError(f"--recipe {recipe!r} is not allowed; choose from {', '.join(RECIPES)}")
     preset = dict(RECIPES[recipe])
@@ -306,7 +315,7 @@ def create_model(cfg: TrainConfig, num_classes: int, seed: int | None = None) ->
 def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     """The learning rate as a function of the update count (0 for the first update).
 
-    ``seed``: ``lr / 3**(epoch // 20)``. ``multistep``: ``lr * gamma**k`` after the k-th
+    ``study``: ``lr / 3**(epoch // 20)``. ``multistep``: ``lr * gamma**k`` after the k-th
     milestone epoch ``round(fraction * epochs)``. ``constant``: ``lr``. These three change
     only at epoch boundaries. ``cosine``: linear warmup over ``warmup_epochs`` (the first
     update uses ``lr / warmup_steps``), then cosine to 0 at the last step. ``onecycle``:
@@ -325,7 +334,7 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
 
     if cfg.schedule == "constant":
         return optax.constant_schedule(lr)
-    if cfg.schedule == "seed":
+    if cfg.schedule == "study":
         return lambda count: lr * jnp.power(
             1.0 / 3.0, (epoch_of(count) // 20).astype(_default_float())
         )

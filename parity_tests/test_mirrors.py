@@ -34,3 +34,18 @@ def test_config_module_imports_without_jax_or_torch():
             "print(sorted(m for m in ('jax', 'torch', 'flax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_schedules_use_the_same_names():
+    from flax_resnet import training
+
+    assert torch_ref.training.SCHEDULES == training.SCHEDULES == tuple(config.SCHEDULE_ALIASES)
+
+
+def test_runs_written_with_the_old_study_names_still_read():
+    """Before "study", the study's recipe, schedule and init were called "seed"."""
+    from flax_resnet import training
+
+    cfg = training.TrainConfig.from_dict({"schedule": "seed", "init": "seed"}).validate()
+    assert (cfg.schedule, cfg.init) == ("study", "study")
+    assert training.make_config("seed") == training.make_config("study")

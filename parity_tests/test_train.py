@@ -92,11 +92,11 @@ def reference_run(tmp_path_factory, jax_cache) -> tuple[Path, subprocess.Complet
 
 
 def test_recipes_and_overrides():
-    seed = T.make_config("seed")
+    seed = T.make_config("study")
     assert (seed.depth, seed.norm, seed.optimizer, seed.lr, seed.weight_decay) == (
         34, "bn", "adamw", 1e-3, 1e-2)
     assert (seed.batch_size, seed.epochs, seed.schedule, seed.decay_norm_and_bias) == (
-        100, 80, "seed", True)
+        100, 80, "study", True)
     he = T.make_config("he")
     assert (he.depth, he.optimizer, he.lr, he.momentum, he.weight_decay, he.batch_size) == (
         32, "sgd", 0.1, 0.9, 1e-4, 128)

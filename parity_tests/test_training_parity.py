@@ -155,7 +155,7 @@ class Case:
     config: dict[str, Any]
 
     def cfg(self, dtype: str = "float32") -> ftrain.TrainConfig:
-        return ftrain.make_config("seed", dataset="synthetic", dtype=dtype, **self.config)
+        return ftrain.make_config("study", dataset="synthetic", dtype=dtype, **self.config)
 
 
 CASES = [
@@ -174,7 +174,7 @@ CASES = [
         steps_per_epoch=2,
         config=dict(
             depth=18, width=1 / 16, norm="bn", optimizer="sgd", lr=1e-4, momentum=0.9,
-            nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False, schedule="seed",
+            nesterov=True, weight_decay=5e-4, decay_norm_and_bias=False, schedule="study",
             epochs=25, label_smoothing=0.1,
         ),
     ),
@@ -188,7 +188,7 @@ CASES = [
         steps_per_epoch=1,
         config=dict(
             depth=50, width=1 / 16, norm="gn", norm_groups=4, optimizer="adamw", lr=1e-3,
-            weight_decay=1e-2, decay_norm_and_bias=True, schedule="seed", epochs=50,
+            weight_decay=1e-2, decay_norm_and_bias=True, schedule="study", epochs=50,
         ),
     ),
     # Shadow. He et al.'s CIFAR ResNet-20 at half width (8-16-32, 3x3 stem, option-A
@@ -762,8 +762,8 @@ def test_augment_and_normalize_match(pad, dtype):
 
 SCHEDULE_CASES = [
     # (config overrides, steps per epoch)
-    (dict(schedule="seed", epochs=80), 1),
-    (dict(schedule="seed", epochs=45), 3),
+    (dict(schedule="study", epochs=80), 1),
+    (dict(schedule="study", epochs=45), 3),
     (dict(schedule="multistep", epochs=10, lr_milestones=(0.5, 0.75), lr_gamma=0.1), 3),
     (dict(schedule="step", epochs=8, lr_milestones=(0.3, 0.3, 0.9), lr_gamma=0.5), 2),
     (dict(schedule="constant", epochs=4), 3),
@@ -784,7 +784,7 @@ def test_schedule_matches_torch_scheduler(overrides, spe, dtype):
     scheduler stepped as ``LRSchedule`` steps it (per epoch or per batch), which computes in
     Python floats. The schedule computes in float32 (≤ 1e-6 of the peak lr), or float64 in
     64-bit JAX (≤ 1e-14: measured ≤ 3e-16)."""
-    cfg = ftrain.make_config("seed", lr=0.1, **overrides)
+    cfg = ftrain.make_config("study", lr=0.1, **overrides)
     n = spe * cfg.epochs
     with precision(dtype):
         flax_lr = jax.vmap(ftrain.make_schedule(cfg, spe))(jnp.arange(n))
@@ -810,7 +810,7 @@ def test_schedule_matches_torch_scheduler(overrides, spe, dtype):
 
 def test_decay_groups_match_flax_mask():
     """``decay_norm_and_bias=False``: torch's no-decay group is exactly optax's masked-out set."""
-    cfg = ftrain.make_config("seed", depth=18, width=1 / 16, decay_norm_and_bias=False)
+    cfg = ftrain.make_config("study", depth=18, width=1 / 16, decay_norm_and_bias=False)
     tmodel = torch_model(cfg)
     groups = ttrain.param_groups(tmodel, 0.1, decay_norm_and_bias=False)
     ids = {id(p): g["weight_decay"] > 0 for g in groups for p in g["params"]}
@@ -998,7 +998,7 @@ def test_cases_cover_the_issue():
     assert any(c.optimizer == "adamw" and c.weight_decay == 1e-2 for c in cfgs)
     assert any(c.label_smoothing > 0 for c in cfgs)
     assert any(not c.decay_norm_and_bias for c in cfgs)
-    assert {c.schedule for c in cfgs} >= {"seed", "cosine"}
+    assert {c.schedule for c in cfgs} >= {"study", "cosine"}
     for case in CASES:
-        if case.config["schedule"] == "seed":  # a ÷3 boundary inside the steps
+        if case.config["schedule"] == "study":  # a ÷3 boundary inside the steps
             assert STEPS > 20 * case.steps_per_epoch

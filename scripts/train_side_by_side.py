@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GroupNorm groups (default: the recipe's, 32)")
     p.add_argument("--stem", default=None, help="imagenet or cifar (default: the depth's)")
     p.add_argument("--init", default="torch", help="init scheme of the torch_ref model")
-    p.add_argument("--recipe", default="seed", help="flax_resnet.training recipe: seed, he, fast")
+    p.add_argument("--recipe", default="study", help="flax_resnet.training recipe: study, he, fast")
     p.add_argument("--optimizer", default=None, help="adamw, sgd, adam (default: the recipe's)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=None)

@@ -1,8 +1,8 @@
-"""The seed's ResNets (Q2: ImageNet stem, Q3: CIFAR stem + BottleNeck) in plain PyTorch.
+"""The study's ResNets (ImageNet stem; CIFAR stem and BottleNeck) in plain PyTorch.
 
 Written from the seed's code: ``residual_function`` / ``shortcut`` blocks, ``conv1`` stem,
 ``conv2_x``... stages built by ``_make_layer``, ``AdaptiveAvgPool2d`` and ``fc``. Options the
-seed leaves as comments (the norm, the init recipe of Q4) are arguments here.
+study leaves as comments (the norm, its init_weights recipe) are arguments here.
 """
 
 from __future__ import annotations

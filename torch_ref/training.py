@@ -6,7 +6,7 @@ choice that ``flax_resnet.training`` makes spelled out so both sides compute the
 * optimizers: ``torch.optim.AdamW`` / ``SGD`` (momentum, Nesterov, coupled weight decay) /
   ``Adam``; with ``decay_norm_and_bias=False`` the 1-D parameters (norm scales, biases) go to
   a param group with ``weight_decay=0`` (Flax: an optax ``mask``);
-* schedules: ``torch.optim.lr_scheduler`` objects. ``seed`` / ``multistep`` / ``constant``
+* schedules: ``torch.optim.lr_scheduler`` objects. ``study`` / ``multistep`` / ``constant``
   are stepped **once per epoch** (after the epoch's last batch), ``cosine`` (with linear
   warmup) and ``onecycle`` **once per batch**, which is what ``flax_resnet.training``'s
   ``make_schedule`` documents; ``LRSchedule`` does that bookkeeping so ``train_step`` can
@@ -38,7 +38,9 @@ from torch.optim import lr_scheduler
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 OPTIMIZERS = ("adamw", "sgd", "adam")
-SCHEDULES = ("seed", "step", "multistep", "cosine", "onecycle", "constant")
+from flax_resnet.config import SCHEDULE_ALIASES, canonical_schedule  # noqa: E402
+
+SCHEDULES = tuple(SCHEDULE_ALIASES)
 PER_BATCH_SCHEDULES = ("cosine", "onecycle")
 
 
@@ -135,7 +137,7 @@ class LRSchedule:
     """A ``torch.optim.lr_scheduler`` object plus *when* to step it.
 
     Call ``step()`` after every batch: per-batch schedules (``cosine``, ``onecycle``) step the
-    torch scheduler every time, per-epoch ones (``seed``, ``multistep``, ``constant``) after
+    torch scheduler every time, per-epoch ones (``study``, ``multistep``, ``constant``) after
     the last batch of each epoch — the usual PyTorch loops, and what ``make_schedule`` of
     ``flax_resnet.training`` computes from the update count.
     """
@@ -162,7 +164,7 @@ def make_scheduler(
 ) -> LRSchedule:
     """The learning-rate schedule of ``cfg.schedule`` as torch scheduler objects.
 
-    * ``seed``: ``StepLR(step_size=20, gamma=1/3)`` per epoch (the seed divides by 3 after
+    * ``study``: ``StepLR(step_size=20, gamma=1/3)`` per epoch (the study divides by 3 after
       every 20th epoch);
     * ``step`` / ``multistep``: ``MultiStepLR(milestones=round(fraction · epochs),
       gamma=lr_gamma)`` per epoch;
@@ -177,12 +179,12 @@ def make_scheduler(
     spe = int(steps_per_epoch)
     if spe < 1:
         raise ValueError("steps_per_epoch must be >= 1")
-    schedule = cfg.schedule
+    schedule = canonical_schedule(cfg.schedule)
     epochs = int(cfg.epochs)
     total = max(1, spe * epochs)
     if schedule == "constant":
         return LRSchedule(lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), spe, False)
-    if schedule == "seed":
+    if schedule == "study":
         return LRSchedule(lr_scheduler.StepLR(optimizer, step_size=20, gamma=1 / 3), spe, False)
     if schedule in ("step", "multistep"):
         milestones = sorted(round(m * epochs) for m in cfg.lr_milestones)
