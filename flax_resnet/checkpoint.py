@@ -13,7 +13,7 @@ Atomicity: on a local or POSIX file system Orbax writes a step into
 written (``AtomicRenameTemporaryPath``); on object stores (GCS) it writes a
 ``commit_success.txt`` marker last (``CommitFileTemporaryPath``). Steps that are still
 temporary are never listed by ``latest_step`` / ``all_steps``, so a run killed while
-saving resumes from the previous complete checkpoint (``parity_tests/test_train.py``
+saving resumes from the previous complete checkpoint (``tests/test_train.py``
 checks this). Saves are synchronous here: a save returns once the step is committed, so
 the donated state buffers may be reused right after.
 """

@@ -1,0 +1,1 @@
+"""The other tests: training loop, data, conversion CLI and saved models, benchmarks."""
