@@ -1,0 +1,438 @@
+"""The training loop: ``train_and_evaluate(config, workdir, options)``.
+
+It owns the run directory and its policy: resuming (the stored ``config.json`` wins; only
+``RESUMABLE_FIELDS`` may change), the Orbax checkpoints (``checkpoints/<step>/``: every
+``checkpoint_every_epochs`` epochs and ``checkpoint_every_steps`` steps, the last
+``keep_checkpoints`` kept), ``metrics.jsonl`` (one row per epoch), ``curves.png``,
+``summary.json`` and ``eval.json``. ``train.py`` only parses flags into a ``TrainConfig`` and
+``RunOptions`` and calls it; Python users call it directly::
+
+    from flax_resnet import trainer, training
+    cfg = training.make_config("fast", dataset="synthetic", epochs=2)
+    summary = trainer.train_and_evaluate(cfg, "runs/smoke")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flax_resnet.config import ConfigError
+
+# Fields a resumed run may change (anything else that differs from the stored config.json
+# is a conflict): extending training, switching the data-parallel mode or flip TTA.
+RESUMABLE_FIELDS = frozenset({"epochs", "parallel", "eval_flip"})
+
+
+class RunError(ValueError):
+    """A run that cannot go ahead as asked: a missing data set, a workdir that holds another
+    run, a checkpoint that does not fit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a run is carried out; unlike the ``TrainConfig`` it does not change the result."""
+
+    data_dir: str | None = None  # where tensorflow-datasets keeps its data
+    eval_batch_size: int | None = None  # default: the training batch size
+    init_from: str | None = None  # pretrained weights for a new run (see load_pretrained)
+    eval_only: bool = False  # evaluate the latest checkpoint and return
+    log_every: int = 50  # steps between progress updates: the only host syncs of an epoch
+    checkpoint_every_steps: int = 0  # 0: only at epoch ends
+    checkpoint_every_epochs: int = 1  # 0: only after the last epoch
+    keep_checkpoints: int = 3
+    stop_after_steps: int = 0  # (testing) stop without saving, as if preempted; 0: never
+    progress: bool = True  # progress bars
+
+    def __post_init__(self) -> None:
+        for name, least in (("log_every", 1), ("keep_checkpoints", 1),
+                            ("checkpoint_every_steps", 0), ("checkpoint_every_epochs", 0),
+                            ("stop_after_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(name, f"{name} {value!r} must be an integer >= {least}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError("eval_batch_size",
+                              f"eval_batch_size {self.eval_batch_size!r} must be >= 1")
+
+
+def resolve_config(
+    requested: Any, stored: dict[str, Any] | None, asked: set[str] | None, workdir: Path
+) -> tuple[Any, list[str]]:
+    """The run's TrainConfig: ``requested``, or the one stored in ``workdir`` when resuming.
+
+    When ``workdir/config.json`` exists, the ``asked`` fields of ``requested`` (all of them
+    if ``None``) must agree with it, except ``RESUMABLE_FIELDS``, which the resumed run takes
+    from ``requested``.
+    """
+    from flax_resnet.training import TrainConfig
+
+    if stored is None:
+        return requested, []
+    try:
+        previous = TrainConfig.from_dict(stored).validate()
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{workdir}/config.json is not a valid run config: {e}") from None
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    asked = fields if asked is None else set(asked)
+    conflicts = [
+        f"{f}={getattr(previous, f)!r} (this command: {getattr(requested, f)!r})"
+        for f in sorted(asked - RESUMABLE_FIELDS)
+        if getattr(previous, f) != getattr(requested, f)
+    ]
+    if conflicts:
+        raise RunError(
+            f"workdir {workdir} holds a run with a different config: "
+            + "; ".join(conflicts)
+            + ". Use another workdir, or match (or drop) those settings to resume it."
+        )
+    changes = {
+        f: getattr(requested, f)
+        for f in asked & RESUMABLE_FIELDS
+        if getattr(previous, f) != getattr(requested, f)
+    }
+    notes = [f"resuming with {k}={v!r} (was {getattr(previous, k)!r})" for k, v in changes.items()]
+    return dataclasses.replace(previous, **changes), notes
+
+
+def _read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line from a killed run
+    return rows
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for key, label in (("train_loss", "train"), ("test_loss", "test")):
+        axes[0].plot(epochs, [r[key] for r in rows], label=label)
+    axes[0].set_title("loss")
+    for key, label in (("train_acc", "train"), ("test_acc", "test")):
+        axes[1].plot(epochs, [100 * r[key] for r in rows], label=label)
+    axes[1].set_title("accuracy (%)")
+    axes[2].plot(epochs, [r["lr"] for r in rows])
+    axes[2].set_title("learning rate (end of epoch)")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class EpochProgress:
+    """Per-step hook of the training loop: progress bar, interval checkpoints, early stop.
+
+    It syncs with the device only every ``log_every`` steps (and at checkpoints).
+    """
+
+    def __init__(self, cfg: Any, steps_per_epoch: int, options: RunOptions, ckpt: Any,
+                 lead: bool, elapsed: float):
+        self.cfg, self.spe, self.options, self.ckpt = cfg, steps_per_epoch, options, ckpt
+        self.lead = lead
+        self.elapsed = elapsed
+        self.bar = None
+
+    def start(self, epoch: int, first: int) -> None:
+        from tqdm import tqdm
+
+        self.epoch = epoch
+        self.bar = tqdm(total=self.spe, initial=first,
+                        desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                        disable=not self.lead or not self.options.progress, dynamic_ncols=True,
+                        file=sys.stderr)
+        self.t_epoch = time.perf_counter()
+        self.mark = (self.t_epoch, first)
+
+    def save(self, state: Any, step: int, epoch: int, in_epoch: int,
+             partial: dict[str, Any] | None, elapsed: float) -> None:
+        """Checkpoint ``state`` with the data position: resume at batch ``in_epoch`` of
+        ``epoch`` with the partial-epoch metric sums ``partial``."""
+        self.ckpt.save(step, state, {
+            "epoch": epoch, "step_in_epoch": in_epoch, "global_step": step,
+            "steps_per_epoch": self.spe, "partial_metrics": partial,
+            "elapsed_s": elapsed, "config": self.cfg.to_dict(),
+        })
+
+    def after_step(self, done: int, state: Any, metrics: dict) -> bool:
+        from flax_resnet import training as T
+
+        options = self.options
+        step = self.epoch * self.spe + done
+        if self.lead and options.progress and (done % options.log_every == 0
+                                                   or done == self.spe):
+            m = T.summarize(metrics)  # the one host sync of a logging interval
+            now = time.perf_counter()
+            ips = (done - self.mark[1]) * self.cfg.batch_size / max(now - self.mark[0], 1e-9)
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{100 * m['acc']:.2f}%",
+                                 img_s=f"{ips:,.0f}", refresh=False)
+            self.mark = (now, done)
+        every = options.checkpoint_every_steps
+        if every and step % every == 0 and done != self.spe:  # epoch ends save after eval
+            import jax
+
+            host = jax.device_get(metrics)
+            partial = {"loss_sum": float(host["loss_sum"]), "correct": int(host["correct"]),
+                       "count": int(host["count"])}
+            elapsed = self.elapsed + time.perf_counter() - self.t_epoch
+            self.save(state, step, self.epoch, done, partial, elapsed)
+        return bool(options.stop_after_steps and step >= options.stop_after_steps)
+
+    def finish(self, train: dict[str, float], test: dict[str, float]) -> None:
+        self.bar.set_postfix(loss=f"{train['loss']:.4f}", acc=f"{100 * train['acc']:.2f}%",
+                             test_acc=f"{100 * test['acc']:.2f}%", refresh=False)
+        self.bar.close()
+
+
+def _flip_note(result: dict[str, float]) -> str:
+    return f" (flip TTA {100 * result['acc_flip']:.2f}%)" if "acc_flip" in result else ""
+
+
+def train_and_evaluate(
+    config: Any,
+    workdir: str | os.PathLike,
+    options: RunOptions | None = None,
+    *,
+    asked: set[str] | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` (a ``TrainConfig``) in ``workdir``, or resume the run there, and
+    evaluate it; returns the summary (``summary.json``), or the evaluation with
+    ``options.eval_only``. ``asked``: the fields of ``config`` the caller chose (see
+    ``resolve_config``). Raises ``RunError`` for a run that cannot go ahead as asked.
+    """
+    import jax
+
+    from flax_resnet import training as T
+    from flax_resnet.checkpoint import Checkpointer
+    from flax_resnet.data import DataError, load_dataset
+    from flax_resnet.models import ARCHS
+
+    options = options or RunOptions()
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    stored = _read_json(config_path) if config_path.exists() else None
+    cfg, notes = resolve_config(config, stored, asked, workdir)
+    if options.eval_only and stored is None:
+        raise RunError(f"eval_only: no run in workdir {workdir} (no config.json)")
+
+    lead = jax.process_index() == 0
+
+    def say(*msg: Any) -> None:
+        if lead:
+            print(*msg, flush=True)
+
+    for note in notes:
+        say(note)
+    try:
+        ds = load_dataset(cfg.dataset, options.data_dir)
+    except DataError as e:
+        raise RunError(str(e)) from None
+
+    mesh = T.make_mesh()
+    eval_batch = options.eval_batch_size or cfg.batch_size
+    try:
+        T.check_batch_size(cfg.batch_size, mesh)
+        T.check_batch_size(eval_batch, mesh, "--eval-batch-size")
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    spe = T.steps_per_epoch(len(ds.train), cfg.batch_size)
+    if spe < 1:
+        raise RunError(
+            f"--batch-size {cfg.batch_size} is larger than the {len(ds.train)} training images"
+        )
+
+    model = T.create_model(cfg, ds.num_classes)
+    if options.init_from and stored is None:
+        from flax_resnet.convert import load_pretrained
+
+        try:
+            load_pretrained(model, options.init_from, num_classes=ds.num_classes)
+        except (OSError, ValueError, KeyError) as e:
+            raise RunError(f"--init-from {options.init_from}: {e}") from None
+        say(f"initialised from {options.init_from}")
+    tx = T.make_optimizer(cfg, spe)
+    defs, state = T.init_train_state(model, tx, cfg.seed)
+    del model
+    state = T.replicate(jax.device_get(state), mesh)
+    n_params = T.param_count(state.params)
+
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    say(f"devices: {len(devices)} x {', '.join(kinds)} ({jax.default_backend()}) on "
+        f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}, batch {cfg.batch_size} "
+        f"= {cfg.batch_size // mesh.devices.size}/device, parallel={cfg.parallel}")
+    stem = cfg.stem or ARCHS[cfg.depth].default_stem
+    say(f"model: ResNet-{cfg.depth} norm={cfg.norm} stem={stem} "
+        f"width={cfg.width} dtype={cfg.dtype}: {n_params:,} parameters; data {ds.name}: "
+        f"{len(ds.train)} train / {len(ds.test)} test, {ds.num_classes} classes, "
+        f"{spe} steps/epoch")
+
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_json(config_path, cfg.to_dict())
+    ckpt = Checkpointer(workdir / "checkpoints", keep=options.keep_checkpoints)
+    meta: dict[str, Any] = {}
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(state, latest)
+        if meta.get("steps_per_epoch") != spe:
+            raise RunError(
+                f"the checkpoint in {workdir} was taken at {meta.get('steps_per_epoch')} "
+                f"steps per epoch, this run has {spe}: the data set or batch size differs"
+            )
+        say(f"resumed from step {latest} (epoch {meta['epoch'] + 1}, batch "
+            f"{meta['step_in_epoch']} of {spe})")
+    elif options.eval_only:
+        raise RunError(f"eval_only: no checkpoint in {workdir / 'checkpoints'}")
+
+    eval_step = T.make_eval_step(defs.eval, cfg, ds.mean, ds.std, mesh)
+    if options.eval_only:
+        result = T.evaluate(eval_step, state, ds.test, eval_batch, mesh)
+        out = {"step": latest, "epoch": meta.get("epoch"), "test_loss": result["loss"],
+               "test_acc": result["acc"], "test_count": result["count"]}
+        if cfg.eval_flip:
+            out["test_acc_flip"] = result["acc_flip"]
+        say(f"eval of step {latest}: test loss {result['loss']:.4f}, "
+            f"test acc {100 * result['acc']:.2f}%{_flip_note(result)} "
+            f"({result['count']} images)")
+        if lead:
+            _write_json(workdir / "eval.json", out)
+        ckpt.close()
+        return out
+
+    train_step = T.make_train_step(defs.train, tx, cfg, ds.mean, ds.std, mesh)
+    schedule = T.make_schedule(cfg, spe)
+    start_epoch = int(meta.get("epoch", 0))
+    start_in_epoch = int(meta.get("step_in_epoch", 0))
+    elapsed = float(meta.get("elapsed_s", 0.0))
+    metrics_path = workdir / "metrics.jsonl"
+    rows = [r for r in _read_metrics(metrics_path) if r.get("epoch", 0) <= start_epoch]
+    if lead:
+        _write_metrics(metrics_path, rows)  # drop epochs logged after the checkpoint
+
+    compile_s = 0.0
+    if start_epoch < cfg.epochs:
+        # Compilation counts as training time (in the first epoch this process runs), as
+        # PyTorch's cudnn.benchmark autotuning does in its first epoch.
+        t_compile = time.perf_counter()
+        train_step, eval_step = T.compile_steps(
+            train_step, eval_step, state, ds.image_shape, cfg.batch_size, eval_batch, mesh)
+        compile_s = time.perf_counter() - t_compile
+        say(f"compiled the train and eval steps in {compile_s:.1f} s")
+    progress = EpochProgress(cfg, spe, options, ckpt, lead, elapsed + compile_s)
+    stopped = False
+    for epoch in range(start_epoch, cfg.epochs):
+        first = start_in_epoch if epoch == start_epoch else 0
+        partial = meta.get("partial_metrics") if epoch == start_epoch and first else None
+        metrics = T.replicate_metrics(partial, mesh)
+        lr = float(schedule((epoch + 1) * spe - 1))  # the lr of the epoch's last update
+        progress.start(epoch, first)
+        state, metrics, stopped = T.train_epoch(
+            train_step, state, metrics, ds.train, seed=cfg.seed, epoch=epoch,
+            batch_size=cfg.batch_size, mesh=mesh, start=first, callback=progress.after_step,
+        )
+        if stopped:
+            progress.bar.close()
+            say(f"stopped after step {int(jax.device_get(state.step))} (--stop-after-steps); "
+                "rerun to resume from the last checkpoint")
+            break
+        train = T.summarize(metrics)
+        train_time = time.perf_counter() - progress.t_epoch
+        test = T.evaluate(eval_step, state, ds.test, eval_batch, mesh)
+        epoch_time = time.perf_counter() - progress.t_epoch
+        progress.elapsed += epoch_time
+        epoch_time += compile_s
+        progress.finish(train, test)
+        row = {
+            "epoch": epoch + 1, "step": (epoch + 1) * spe,
+            "train_loss": train["loss"], "train_acc": train["acc"],
+            "test_loss": test["loss"], "test_acc": test["acc"],
+            **({"test_acc_flip": test["acc_flip"]} if cfg.eval_flip else {}), "lr": lr,
+            "epoch_time_s": epoch_time,
+            "train_images_per_s": (spe - first) * cfg.batch_size / max(train_time, 1e-9),
+            "elapsed_s": progress.elapsed,
+            **({"compile_s": compile_s} if compile_s else {}),
+        }
+        compile_s = 0.0
+        say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train['loss']:.4f} acc "
+            f"{100 * train['acc']:.2f}% | test loss {test['loss']:.4f} acc "
+            f"{100 * test['acc']:.2f}%{_flip_note(test)} | lr {lr:.3g} | {epoch_time:.1f}s "
+            f"({row['train_images_per_s']:,.0f} img/s)")
+        rows.append(row)
+        if lead:
+            _write_metrics(metrics_path, rows)
+            plot_curves(rows, workdir / "curves.png")
+        every = options.checkpoint_every_epochs
+        if epoch + 1 == cfg.epochs or (every and (epoch + 1) % every == 0):
+            progress.save(state, (epoch + 1) * spe, epoch + 1, 0, None, progress.elapsed)
+    ckpt.close()
+    if stopped or not rows:
+        return {"stopped_at_step": int(jax.device_get(state.step))} if stopped else {}
+    summary: dict[str, Any] = {}
+    if rows:
+        last = rows[-1]
+        flip = {}
+        if "test_acc_flip" in last:  # --eval-flip may have been switched on when resuming
+            flip = {"final_test_acc_flip": last["test_acc_flip"],
+                    "best_test_acc_flip": max(r.get("test_acc_flip", 0.0) for r in rows)}
+        summary = {
+            "final_test_acc": last["test_acc"], "final_test_loss": last["test_loss"],
+            "best_test_acc": max(r["test_acc"] for r in rows), **flip,
+            "final_train_acc": last["train_acc"], "epochs": last["epoch"],
+            "global_step": last["step"], "parameters": n_params,
+            "wall_time_s": last["elapsed_s"],
+            "devices": f"{len(devices)} x {', '.join(kinds)}",
+            "processes": jax.process_count(), "config": cfg.to_dict(),
+        }
+        if lead:
+            _write_json(workdir / "summary.json", summary)
+        say(f"final test accuracy {100 * last['test_acc']:.2f}% "
+            f"(best {100 * max(r['test_acc'] for r in rows):.2f}%)"
+            + (f", with flip TTA {100 * flip['final_test_acc_flip']:.2f}% (best "
+               f"{100 * flip['best_test_acc_flip']:.2f}%)" if flip else "")
+            + f"; wrote {workdir}/summary.json")
+    return summary
+
+
