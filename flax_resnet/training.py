@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flax_resnet import data as data_lib
-from flax_resnet.config import LEGACY_NAMES, SCHEDULE_ALIASES, canonical_schedule
+from flax_resnet.config import LEGACY_NAMES, OPTIMIZERS, SCHEDULE_ALIASES, canonical_schedule
 from flax_resnet.init import INIT_SCHEMES
 from flax_resnet.models import DEPTHS, SHORTCUTS, STEMS, create_resnet
 from flax_resnet.norms import canonical_norm
@@ -51,7 +51,6 @@ from flax_resnet.norms import canonical_norm
 # there, free of float32 rounding. The train.py CLI offers only ``CLI_DTYPES``.
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 CLI_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adam")
 # The schedules, and "step" (an alias of "multistep"); "seed", the study schedule's old name,
 # is accepted in stored run configs (config.LEGACY_NAMES).
 SCHEDULES: tuple[str, ...] = tuple(SCHEDULE_ALIASES)
@@ -312,6 +311,75 @@ def create_model(cfg: TrainConfig, num_classes: int, seed: int | None = None) ->
 # --------------------------------------------------------------------------- optimization
 
 
+def _constant(cfg: TrainConfig, spe: int) -> optax.Schedule:
+    return optax.constant_schedule(float(cfg.lr))
+
+
+def _study(cfg: TrainConfig, spe: int) -> optax.Schedule:
+    lr = float(cfg.lr)
+    return lambda count: lr * jnp.power(
+        1.0 / 3.0, (jnp.asarray(count) // spe // 20).astype(_default_float())
+    )
+
+
+def _multistep(cfg: TrainConfig, spe: int) -> optax.Schedule:
+    lr, gamma = float(cfg.lr), float(cfg.lr_gamma)
+    milestones = jnp.asarray(sorted(round(m * cfg.epochs) for m in cfg.lr_milestones), jnp.int32)
+
+    def multistep(count: jax.Array) -> jax.Array:
+        passed = jnp.sum(jnp.asarray(count) // spe >= milestones)
+        return lr * jnp.power(gamma, passed.astype(_default_float()))
+
+    return multistep
+
+
+def _cosine(cfg: TrainConfig, spe: int) -> optax.Schedule:
+    lr, total = float(cfg.lr), max(1, spe * cfg.epochs)
+    warmup = int(round(cfg.warmup_epochs * spe))
+    decay = max(1, total - warmup)
+
+    def cosine(count: jax.Array) -> jax.Array:
+        count = jnp.asarray(count, _default_float())
+        warm = lr * (count + 1.0) / max(warmup, 1)
+        t = jnp.clip((count - warmup) / decay, 0.0, 1.0)
+        return jnp.where(count < warmup, warm, 0.5 * lr * (1.0 + jnp.cos(jnp.pi * t)))
+
+    return cosine
+
+
+def _onecycle(cfg: TrainConfig, spe: int) -> optax.Schedule:
+    # torch.optim.lr_scheduler.OneCycleLR(anneal_strategy="cos", three_phase=False): rises
+    # from lr/25 to lr until update pct·total - 1, then falls to lr/25/1e4 at update
+    # total - 1. (optax.cosine_onecycle_schedule peaks and ends one update later.)
+    lr, total = float(cfg.lr), max(1, spe * cfg.epochs)
+    warmup = int(round(cfg.warmup_epochs * spe))
+    pct = warmup / total if warmup > 0 else 0.3
+    initial, final = lr / 25.0, lr / 25.0 / 1e4
+    rise_end = float(pct * total) - 1.0
+    fall_end = float(total - 1)
+
+    def anneal(start: float, end: float, frac: jax.Array) -> jax.Array:
+        return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * frac) + 1.0)
+
+    def onecycle(count: jax.Array) -> jax.Array:
+        t = jnp.asarray(count, _default_float())
+        rise = anneal(initial, lr, t / max(rise_end, 1e-9))
+        frac = jnp.clip((t - rise_end) / max(fall_end - rise_end, 1e-9), 0.0, 1.0)
+        return jnp.where(t <= rise_end, rise, anneal(lr, final, frac))
+
+    return onecycle
+
+
+# canonical schedule name -> (config, steps per epoch) -> lr of the update count
+SCHEDULE_BUILDERS: dict[str, Callable[[TrainConfig, int], optax.Schedule]] = {
+    "study": _study,
+    "multistep": _multistep,
+    "cosine": _cosine,
+    "onecycle": _onecycle,
+    "constant": _constant,
+}
+
+
 def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     """The learning rate as a function of the update count (0 for the first update).
 
@@ -323,63 +391,10 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     up to ``lr`` over ``warmup_epochs`` (30% of training when 0), down to ``lr/25/1e4``.
     Computed in float32, or float64 while JAX is 64-bit.
     """
-    lr = float(cfg.lr)
     spe = int(steps_per_epoch)
-    total = max(1, spe * cfg.epochs)
     if spe < 1:
         raise ValueError("steps_per_epoch must be >= 1")
-
-    def epoch_of(count: jax.Array) -> jax.Array:
-        return jnp.asarray(count) // spe
-
-    if cfg.schedule == "constant":
-        return optax.constant_schedule(lr)
-    if cfg.schedule == "study":
-        return lambda count: lr * jnp.power(
-            1.0 / 3.0, (epoch_of(count) // 20).astype(_default_float())
-        )
-    if cfg.schedule in ("multistep", "step"):
-        milestones = jnp.asarray(
-            sorted(round(m * cfg.epochs) for m in cfg.lr_milestones), jnp.int32
-        )
-        gamma = float(cfg.lr_gamma)
-
-        def multistep(count: jax.Array) -> jax.Array:
-            passed = jnp.sum(epoch_of(count) >= milestones)
-            return lr * jnp.power(gamma, passed.astype(_default_float()))
-
-        return multistep
-    warmup = int(round(cfg.warmup_epochs * spe))
-    if cfg.schedule == "cosine":
-        decay = max(1, total - warmup)
-
-        def cosine(count: jax.Array) -> jax.Array:
-            count = jnp.asarray(count, _default_float())
-            warm = lr * (count + 1.0) / max(warmup, 1)
-            t = jnp.clip((count - warmup) / decay, 0.0, 1.0)
-            return jnp.where(count < warmup, warm, 0.5 * lr * (1.0 + jnp.cos(jnp.pi * t)))
-
-        return cosine
-    if cfg.schedule == "onecycle":
-        # torch.optim.lr_scheduler.OneCycleLR(anneal_strategy="cos", three_phase=False):
-        # rises from lr/25 to lr until update pct·total - 1, then falls to lr/25/1e4 at update
-        # total - 1. (optax.cosine_onecycle_schedule peaks and ends one update later.)
-        pct = warmup / total if warmup > 0 else 0.3
-        initial, final = lr / 25.0, lr / 25.0 / 1e4
-        rise_end = float(pct * total) - 1.0
-        fall_end = float(total - 1)
-
-        def anneal(start: float, end: float, frac: jax.Array) -> jax.Array:
-            return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * frac) + 1.0)
-
-        def onecycle(count: jax.Array) -> jax.Array:
-            t = jnp.asarray(count, _default_float())
-            rise = anneal(initial, lr, t / max(rise_end, 1e-9))
-            frac = jnp.clip((t - rise_end) / max(fall_end - rise_end, 1e-9), 0.0, 1.0)
-            return jnp.where(t <= rise_end, rise, anneal(lr, final, frac))
-
-        return onecycle
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    return SCHEDULE_BUILDERS[canonical_schedule(cfg.schedule)](cfg, spe)
 
 
 def decay_mask(params: Any) -> Any:
@@ -401,18 +416,35 @@ def make_optimizer(
     the optimizer is initialised with.
     """
     del params
-    schedule = make_schedule(cfg, steps_per_epoch)
+    build = OPTIMIZER_BUILDERS.get(cfg.optimizer)
+    if build is None:
+        raise ValueError(
+            f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZER_BUILDERS)}"
+        )
     mask = None if cfg.decay_norm_and_bias else decay_mask
-    wd = float(cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, mask=mask)
-    decay = optax.add_decayed_weights(wd, mask) if wd > 0 else optax.identity()
-    if cfg.optimizer == "adam":
-        return optax.chain(decay, optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8))
-    if cfg.optimizer == "sgd":
-        momentum = float(cfg.momentum) if cfg.momentum > 0 else None
-        return optax.chain(decay, optax.sgd(schedule, momentum=momentum, nesterov=cfg.nesterov))
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+    return build(cfg, make_schedule(cfg, steps_per_epoch), float(cfg.weight_decay), mask)
+
+
+def _coupled_decay(wd: float, mask: Any) -> optax.GradientTransformation:
+    """torch's ``weight_decay`` for SGD/Adam: ``wd·p`` added to the gradient first."""
+    return optax.add_decayed_weights(wd, mask) if wd > 0 else optax.identity()
+
+
+# optimizer name -> (config, schedule, weight decay, decay mask) -> optax transformation
+OPTIMIZER_BUILDERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adamw": lambda cfg, lr, wd, mask: optax.adamw(
+        lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, mask=mask
+    ),
+    "sgd": lambda cfg, lr, wd, mask: optax.chain(
+        _coupled_decay(wd, mask),
+        optax.sgd(lr, momentum=float(cfg.momentum) if cfg.momentum > 0 else None,
+                  nesterov=cfg.nesterov),
+    ),
+    "adam": lambda cfg, lr, wd, mask: optax.chain(
+        _coupled_decay(wd, mask), optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+    ),
+}
+assert tuple(OPTIMIZER_BUILDERS) == OPTIMIZERS
 
 
 def cross_entropy(

@@ -36,10 +36,12 @@ def test_config_module_imports_without_jax_or_torch():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def test_schedules_use_the_same_names():
+def test_schedules_and_optimizers_use_the_same_names():
     from flax_resnet import training
 
     assert torch_ref.training.SCHEDULES == training.SCHEDULES == tuple(config.SCHEDULE_ALIASES)
+    assert tuple(training.SCHEDULE_BUILDERS) == config.SCHEDULES
+    assert tuple(training.OPTIMIZER_BUILDERS) == config.OPTIMIZERS == torch_ref.training.OPTIMIZERS
 
 
 def test_runs_written_with_the_old_study_names_still_read():
