@@ -410,29 +410,27 @@ def train_and_evaluate(
     ckpt.close()
     if stopped or not rows:
         return {"stopped_at_step": int(jax.device_get(state.step))} if stopped else {}
-    summary: dict[str, Any] = {}
-    if rows:
-        last = rows[-1]
-        flip = {}
-        if "test_acc_flip" in last:  # --eval-flip may have been switched on when resuming
-            flip = {"final_test_acc_flip": last["test_acc_flip"],
-                    "best_test_acc_flip": max(r.get("test_acc_flip", 0.0) for r in rows)}
-        summary = {
-            "final_test_acc": last["test_acc"], "final_test_loss": last["test_loss"],
-            "best_test_acc": max(r["test_acc"] for r in rows), **flip,
-            "final_train_acc": last["train_acc"], "epochs": last["epoch"],
-            "global_step": last["step"], "parameters": n_params,
-            "wall_time_s": last["elapsed_s"],
-            "devices": f"{len(devices)} x {', '.join(kinds)}",
-            "processes": jax.process_count(), "config": cfg.to_dict(),
-        }
-        if lead:
-            _write_json(workdir / "summary.json", summary)
-        say(f"final test accuracy {100 * last['test_acc']:.2f}% "
-            f"(best {100 * max(r['test_acc'] for r in rows):.2f}%)"
-            + (f", with flip TTA {100 * flip['final_test_acc_flip']:.2f}% (best "
-               f"{100 * flip['best_test_acc_flip']:.2f}%)" if flip else "")
-            + f"; wrote {workdir}/summary.json")
+    last = rows[-1]
+    flip = {}
+    if "test_acc_flip" in last:  # --eval-flip may have been switched on when resuming
+        flip = {"final_test_acc_flip": last["test_acc_flip"],
+                "best_test_acc_flip": max(r.get("test_acc_flip", 0.0) for r in rows)}
+    summary = {
+        "final_test_acc": last["test_acc"], "final_test_loss": last["test_loss"],
+        "best_test_acc": max(r["test_acc"] for r in rows), **flip,
+        "final_train_acc": last["train_acc"], "epochs": last["epoch"],
+        "global_step": last["step"], "parameters": n_params,
+        "wall_time_s": last["elapsed_s"],
+        "devices": f"{len(devices)} x {', '.join(kinds)}",
+        "processes": jax.process_count(), "config": cfg.to_dict(),
+    }
+    if lead:
+        _write_json(workdir / "summary.json", summary)
+    say(f"final test accuracy {100 * last['test_acc']:.2f}% "
+        f"(best {100 * max(r['test_acc'] for r in rows):.2f}%)"
+        + (f", with flip TTA {100 * flip['final_test_acc_flip']:.2f}% (best "
+           f"{100 * flip['best_test_acc_flip']:.2f}%)" if flip else "")
+        + f"; wrote {workdir}/summary.json")
     return summary
 
 
