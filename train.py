@@ -7,7 +7,7 @@ training loop it calls is ``flax_resnet.trainer.train_and_evaluate``.
 
 import sys
 
-from flax_resnet.train_cli import build_parser, compilation_cache_dir, main  # noqa: F401
+from flax_resnet.train_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-PRECISIONS = ("fp32", "bf16")
+# a benchmark name's precision -> the compute dtype (flax_resnet.config.DTYPES)
+PRECISION_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16"}
+PRECISIONS = tuple(PRECISION_DTYPES)
 _NAME = re.compile(r"^resnet(\d+)(?:w([0-9.]+))?-b(\d+)-(fp32|bf16)$")
 
 
@@ -28,6 +30,10 @@ class BenchConfig:
     def name(self) -> str:
         w = "" if self.width == 1.0 else f"w{self.width:g}"
         return f"resnet{self.depth}{w}-b{self.batch}-{self.precision}"
+
+    @property
+    def dtype(self) -> str:
+        return PRECISION_DTYPES[self.precision]
 
     def to_dict(self) -> dict:
         return {"name": self.name, **asdict(self)}

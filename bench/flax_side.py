@@ -47,14 +47,17 @@ def build_step(train_cfg: dict[str, Any], num_classes: int, steps_per_epoch: int
 
     from flax_resnet import data as data_lib
     from flax_resnet import training as T
+    from flax_resnet.config import TrainConfig
+    from flax_resnet.optim import make_optimizer
+    from flax_resnet.sharding import make_mesh, replicate
 
-    cfg = T.TrainConfig.from_dict(train_cfg).validate()
-    mesh = T.make_mesh()
+    cfg = TrainConfig.from_dict(train_cfg)
+    mesh = make_mesh()
     model = T.create_model(cfg, num_classes)
-    tx = T.make_optimizer(cfg, steps_per_epoch)
+    tx = make_optimizer(cfg, steps_per_epoch)
     defs, state = T.init_train_state(model, tx, cfg.seed)
-    state = T.replicate(jax.device_get(state), mesh)
-    metrics = T.replicate(jax.device_get(T.zero_metrics()), mesh)
+    state = replicate(jax.device_get(state), mesh)
+    metrics = replicate(jax.device_get(T.zero_metrics()), mesh)
     step = T.make_train_step(
         defs.train, tx, cfg, data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD, mesh
     )
@@ -152,6 +155,7 @@ def run_job(
 
     from bench.timing import run_protocol
     from flax_resnet import training as T
+    from flax_resnet.sharding import put_batch
 
     # JAX's default fp32 precision on GPU lets convs/matmuls use TF32; "highest" forbids it.
     jax.config.update("jax_default_matmul_precision", None if tf32 else "highest")
@@ -159,7 +163,7 @@ def run_job(
     step, state, metrics, mesh = build_step(train_cfg, cfg.num_classes, steps_per_epoch)
     rng = np.random.default_rng(seed)
     shape = (cfg.batch, cfg.image_size, cfg.image_size, 3)
-    images, labels = T.put_batch(
+    images, labels = put_batch(
         mesh,
         cfg.batch,
         rng.integers(0, 256, shape, dtype=np.uint8),

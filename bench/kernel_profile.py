@@ -107,13 +107,13 @@ def _run_and_trace(cfg: BenchConfig, steps: int, warmup: int, trace_dir: str
 
     from bench.flax_side import build_step
     from bench.run import train_config
-    from flax_resnet import training as T
+    from flax_resnet.sharding import put_batch
 
     train_cfg = train_config(cfg, "fast", None)
     steps_per_epoch = CIFAR_TRAIN_IMAGES // cfg.batch
     step, state, metrics, mesh = build_step(train_cfg, cfg.num_classes, steps_per_epoch)
     rng = np.random.default_rng(0)
-    images, labels = T.put_batch(
+    images, labels = put_batch(
         mesh, cfg.batch,
         rng.integers(0, 256, (cfg.batch, cfg.image_size, cfg.image_size, 3), dtype=np.uint8),
         rng.integers(0, cfg.num_classes, (cfg.batch,), dtype=np.int32),

@@ -92,18 +92,21 @@ def compiled_step_hlo(cfg: BenchConfig, target: str, recipe: str = "fast",
     from bench.run import train_config
     from flax_resnet import data as data_lib
     from flax_resnet import training as T
+    from flax_resnet.config import TrainConfig
+    from flax_resnet.optim import make_optimizer
+    from flax_resnet.sharding import batch_sharding, make_mesh, replicated
 
     devices = _devices(target)
-    mesh = T.make_mesh(devices)
-    train_cfg = T.TrainConfig.from_dict(train_config(cfg, recipe, None)).validate()
+    mesh = make_mesh(devices)
+    train_cfg = TrainConfig.from_dict(train_config(cfg, recipe, None))
     # JAX's default fp32 precision on GPU lets convs use TF32; "highest" forbids it.
     precision = jax.default_matmul_precision(None if tf32 else "highest")
     with precision, jax.default_device(jax.devices("cpu")[0]):
         model = T.create_model(train_cfg, cfg.num_classes)
-        tx = T.make_optimizer(train_cfg, CIFAR_TRAIN_IMAGES // cfg.batch)
+        tx = make_optimizer(train_cfg, CIFAR_TRAIN_IMAGES // cfg.batch)
         defs, state = T.init_train_state(model, tx, train_cfg.seed)
         metrics = T.zero_metrics()
-    repl, rows = T.replicated(mesh), T.batch_sharding(mesh)
+    repl, rows = replicated(mesh), batch_sharding(mesh)
 
     def abstract(tree: Any) -> Any:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),

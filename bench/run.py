@@ -208,11 +208,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train_config(cfg: BenchConfig, recipe: str, optimizer: str | None) -> dict[str, Any]:
     """The TrainConfig (as a dict) both sides build their step from: the recipe with the
     bench config's depth, width, batch and dtype (CIFAR stem)."""
-    from flax_resnet.training import make_config
+    from flax_resnet.config import make_config
 
     overrides: dict[str, Any] = {
         "depth": cfg.depth, "width": cfg.width, "stem": cfg.stem, "batch_size": cfg.batch,
-        "dtype": "bfloat16" if cfg.precision == "bf16" else "float32",
+        "num_classes": cfg.num_classes, "dtype": cfg.dtype,
     }
     if optimizer is not None:
         overrides["optimizer"] = optimizer

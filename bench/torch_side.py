@@ -1,7 +1,7 @@
 """torch_ref side: PyTorch eager and ``torch.compile`` train steps, timed like the Flax one.
 
 The step mirrors ``flax_resnet.training``'s for the same config (``train_cfg``, the dict of a
-``TrainConfig``): ``torch_ref.create_resnet`` with the same init and zero-init-residual,
+``TrainConfig``): ``torch_ref.from_config`` with the same init and zero-init-residual,
 ``torch_ref.training.param_groups`` (no decay on 1-D params when the recipe says so),
 ``make_criterion`` (label smoothing) and ``make_scheduler`` (stepped every batch), the
 optimizer's hyper-parameters from the config, the same on-device augmentation algorithm.
@@ -110,7 +110,6 @@ def run_job(
     seed: int = 0,
 ) -> dict[str, Any]:
     import gc
-    import types
 
     import numpy as np
     import torch
@@ -118,9 +117,10 @@ def run_job(
     import torch_ref
     from bench.augment import CIFAR_MEAN, CIFAR_STD
     from bench.timing import run_protocol
+    from flax_resnet.config import TrainConfig
     from torch_ref.training import make_criterion, make_scheduler
 
-    tc = types.SimpleNamespace(**train_cfg)
+    tc = TrainConfig.from_dict(train_cfg)
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     torch.backends.cudnn.benchmark = True
@@ -135,11 +135,7 @@ def run_job(
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
 
-    model = torch_ref.create_resnet(
-        tc.depth, norm=tc.norm, stem=tc.stem, num_classes=cfg.num_classes, width=tc.width,
-        shortcut=tc.shortcut, init=tc.init, norm_groups=tc.norm_groups,
-        zero_init_residual=tc.zero_init_residual,
-    )
+    model = torch_ref.from_config(tc.replace(num_classes=cfg.num_classes).model)
     # channels_last is the GPU best practice (NHWC tensor-core kernels); on CPU PyTorch's
     # best layout is its default NCHW (mkldnn convs), so the CPU run keeps that.
     memory_format = torch.channels_last if cuda else torch.contiguous_format

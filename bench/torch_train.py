@@ -58,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench.torch_side import make_forward_loss, make_optimizer, set_tf32
     from flax_resnet import data as data_lib
     from flax_resnet import training as T
+    from flax_resnet.config import make_config
     from torch_ref.training import evaluate, make_criterion, make_scheduler
 
     try:
-        cfg = T.make_config(
+        cfg = make_config(
             args.recipe, dataset=args.dataset, dtype=args.dtype, epochs=args.epochs,
             depth=args.depth, width=args.width, batch_size=args.batch_size, seed=args.seed,
             eval_flip=args.eval_flip,
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch_train: error: {e}", file=sys.stderr)
         return 2
     ds = data_lib.load_dataset(args.dataset, args.data_dir)
+    cfg = cfg.replace(num_classes=ds.num_classes)
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     bf16 = cfg.dtype == "bfloat16"
@@ -80,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     set_tf32(True)  # JAX's default for float32 on GPU
     torch.manual_seed(cfg.seed)
 
-    model = torch_ref.create_resnet(
-        cfg.depth, norm=cfg.norm, stem=cfg.stem, num_classes=ds.num_classes, width=cfg.width,
-        shortcut=cfg.shortcut, init=cfg.init, norm_groups=cfg.norm_groups,
-        zero_init_residual=cfg.zero_init_residual,
-    )
+    model = torch_ref.from_config(cfg.model)
     memory_format = torch.channels_last if cuda else torch.contiguous_format
     model = model.to(dev, memory_format=memory_format)
     spe = T.steps_per_epoch(len(ds.train), cfg.batch_size)
@@ -121,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics_path = workdir / "metrics.jsonl"
     metrics_path.write_text("")
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
-    print(f"torch {torch.__version__} on {name}: {args.recipe} recipe, depth {cfg.depth}, "
-          f"width {cfg.width}, {cfg.dtype}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
+    print(f"torch {torch.__version__} on {name}: {args.recipe} recipe, depth {cfg.model.depth}, "
+          f"width {cfg.model.width}, {cfg.dtype}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
           f"compile {args.compile}", flush=True)
     elapsed = 0.0
     for epoch in range(cfg.epochs):

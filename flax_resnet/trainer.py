@@ -7,8 +7,9 @@ It owns the run directory and its policy: resuming (the stored ``config.json`` w
 ``summary.json`` and ``eval.json``. ``train.py`` only parses flags into a ``TrainConfig`` and
 ``RunOptions`` and calls it; Python users call it directly::
 
-    from flax_resnet import trainer, training
-    cfg = training.make_config("fast", dataset="synthetic", epochs=2)
+    from flax_resnet import trainer
+    from flax_resnet.config import make_config
+    cfg = make_config("fast", dataset="synthetic", epochs=2)
     summary = trainer.train_and_evaluate(cfg, "runs/smoke")
 """
 
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flax_resnet.config import ConfigError
+from flax_resnet.config import DATA_MODEL_FIELDS, ConfigError, TrainConfig, option
 
 # Fields a resumed run may change (anything else that differs from the stored config.json
 # is a conflict): extending training, switching the data-parallel mode or flip TTA.
@@ -31,23 +32,36 @@ RESUMABLE_FIELDS = frozenset({"epochs", "parallel", "eval_flip"})
 
 class RunError(ValueError):
     """A run that cannot go ahead as asked: a missing data set, a workdir that holds another
-    run, a checkpoint that does not fit."""
+    run, a checkpoint that does not fit. ``field`` names the setting at fault, if one is."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """How a run is carried out; unlike the ``TrainConfig`` it does not change the result."""
 
-    data_dir: str | None = None  # where tensorflow-datasets keeps its data
-    eval_batch_size: int | None = None  # default: the training batch size
-    init_from: str | None = None  # pretrained weights for a new run (see load_pretrained)
-    eval_only: bool = False  # evaluate the latest checkpoint and return
-    log_every: int = 50  # steps between progress updates: the only host syncs of an epoch
-    checkpoint_every_steps: int = 0  # 0: only at epoch ends
-    checkpoint_every_epochs: int = 1  # 0: only after the last epoch
-    keep_checkpoints: int = 3
-    stop_after_steps: int = 0  # (testing) stop without saving, as if preempted; 0: never
-    progress: bool = True  # progress bars
+    data_dir: str | None = option(None, "where tensorflow-datasets prepares and reads CIFAR",
+                                  group="data")
+    eval_batch_size: int | None = option(None, "test batch size (padded and masked); default "
+                                         "the batch size")
+    init_from: str | None = option(
+        None, "start a new run from pretrained weights (torch_ref/torchvision .pt/.pth/"
+        ".safetensors, a saved model or a run directory); the classifier is replaced if the "
+        "class count differs", group="model", metavar="PATH")
+    eval_only: bool = option(False, "evaluate the latest checkpoint of the workdir and stop")
+    log_every: int = option(50, "steps between progress updates (the only host syncs in an "
+                            "epoch)")
+    checkpoint_every_steps: int = option(0, "also checkpoint every N steps (0: only at epoch "
+                                         "ends)")
+    checkpoint_every_epochs: int = option(1, "checkpoint after every N-th epoch (0: only "
+                                          "after the last); a rerun resumes from the last")
+    keep_checkpoints: int = option(3, "checkpoints kept")
+    stop_after_steps: int = option(0, "(testing) stop after this many global steps without "
+                                   "saving, as if preempted; 0: never")
+    progress: bool = option(True, "progress bars")
 
     def __post_init__(self) -> None:
         for name, least in (("log_every", 1), ("keep_checkpoints", 1),
@@ -62,28 +76,28 @@ class RunOptions:
 
 
 def resolve_config(
-    requested: Any, stored: dict[str, Any] | None, asked: set[str] | None, workdir: Path
-) -> tuple[Any, list[str]]:
-    """The run's TrainConfig: ``requested``, or the one stored in ``workdir`` when resuming.
+    requested: TrainConfig, stored: dict[str, Any] | None, asked: set[str] | None,
+    workdir: Path,
+) -> tuple[TrainConfig, list[str]]:
+    """The run's config: ``requested``, or the one stored in ``workdir`` when resuming.
 
-    When ``workdir/config.json`` exists, the ``asked`` fields of ``requested`` (all of them
-    if ``None``) must agree with it, except ``RESUMABLE_FIELDS``, which the resumed run takes
-    from ``requested``.
+    When ``workdir/config.json`` exists, the ``asked`` fields of ``requested`` (by their
+    ``TrainConfig.flat()`` names; all of them if ``None``) must agree with it, except
+    ``RESUMABLE_FIELDS``, which the resumed run takes from ``requested``, and the model
+    fields the data set decides (``DATA_MODEL_FIELDS``).
     """
-    from flax_resnet.training import TrainConfig
-
     if stored is None:
         return requested, []
     try:
-        previous = TrainConfig.from_dict(stored).validate()
+        previous = TrainConfig.from_dict(stored)
     except (TypeError, ValueError) as e:
         raise RunError(f"{workdir}/config.json is not a valid run config: {e}") from None
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    asked = fields if asked is None else set(asked)
+    before, now = previous.flat(), requested.flat()
+    asked = (set(now) if asked is None else set(asked)) - DATA_MODEL_FIELDS
     conflicts = [
-        f"{f}={getattr(previous, f)!r} (this command: {getattr(requested, f)!r})"
+        f"{f}={before[f]!r} (this command: {now[f]!r})"
         for f in sorted(asked - RESUMABLE_FIELDS)
-        if getattr(previous, f) != getattr(requested, f)
+        if before[f] != now[f]
     ]
     if conflicts:
         raise RunError(
@@ -91,13 +105,9 @@ def resolve_config(
             + "; ".join(conflicts)
             + ". Use another workdir, or match (or drop) those settings to resume it."
         )
-    changes = {
-        f: getattr(requested, f)
-        for f in asked & RESUMABLE_FIELDS
-        if getattr(previous, f) != getattr(requested, f)
-    }
-    notes = [f"resuming with {k}={v!r} (was {getattr(previous, k)!r})" for k, v in changes.items()]
-    return dataclasses.replace(previous, **changes), notes
+    changes = {f: now[f] for f in asked & RESUMABLE_FIELDS if before[f] != now[f]}
+    notes = [f"resuming with {k}={v!r} (was {before[k]!r})" for k, v in changes.items()]
+    return previous.replace(**changes), notes
 
 
 def _read_json(path: Path) -> Any:
@@ -231,23 +241,25 @@ def _flip_note(result: dict[str, float]) -> str:
 
 
 def train_and_evaluate(
-    config: Any,
+    config: TrainConfig,
     workdir: str | os.PathLike,
     options: RunOptions | None = None,
     *,
     asked: set[str] | None = None,
 ) -> dict[str, Any]:
-    """Train ``config`` (a ``TrainConfig``) in ``workdir``, or resume the run there, and
-    evaluate it; returns the summary (``summary.json``), or the evaluation with
-    ``options.eval_only``. ``asked``: the fields of ``config`` the caller chose (see
-    ``resolve_config``). Raises ``RunError`` for a run that cannot go ahead as asked.
+    """Train ``config`` in ``workdir``, or resume the run there, and evaluate it; returns
+    the summary (``summary.json``), or the evaluation with ``options.eval_only``. ``asked``:
+    the fields of ``config`` the caller chose (see ``resolve_config``). The model's
+    ``num_classes`` and ``in_channels`` are the data set's. Raises ``RunError`` for a run
+    that cannot go ahead as asked.
     """
     import jax
 
     from flax_resnet import training as T
     from flax_resnet.checkpoint import Checkpointer
     from flax_resnet.data import DataError, load_dataset
-    from flax_resnet.models import ARCHS
+    from flax_resnet.optim import make_optimizer, make_schedule
+    from flax_resnet.sharding import check_batch_size, make_mesh, replicate
 
     options = options or RunOptions()
     workdir = Path(workdir)
@@ -255,7 +267,7 @@ def train_and_evaluate(
     stored = _read_json(config_path) if config_path.exists() else None
     cfg, notes = resolve_config(config, stored, asked, workdir)
     if options.eval_only and stored is None:
-        raise RunError(f"eval_only: no run in workdir {workdir} (no config.json)")
+        raise RunError(f"eval_only: no run in workdir {workdir} (no config.json)", "eval_only")
 
     lead = jax.process_index() == 0
 
@@ -268,34 +280,36 @@ def train_and_evaluate(
     try:
         ds = load_dataset(cfg.dataset, options.data_dir)
     except DataError as e:
-        raise RunError(str(e)) from None
+        raise RunError(str(e), "dataset") from None
+    cfg = cfg.replace(num_classes=ds.num_classes, in_channels=ds.image_shape[-1])
 
-    mesh = T.make_mesh()
+    mesh = make_mesh()
     eval_batch = options.eval_batch_size or cfg.batch_size
-    try:
-        T.check_batch_size(cfg.batch_size, mesh)
-        T.check_batch_size(eval_batch, mesh, "--eval-batch-size")
-    except ValueError as e:
-        raise RunError(str(e)) from None
+    for field, size in (("batch_size", cfg.batch_size), ("eval_batch_size", eval_batch)):
+        try:
+            check_batch_size(size, mesh, field)
+        except ValueError as e:
+            raise RunError(str(e), field) from None
     spe = T.steps_per_epoch(len(ds.train), cfg.batch_size)
     if spe < 1:
         raise RunError(
-            f"--batch-size {cfg.batch_size} is larger than the {len(ds.train)} training images"
+            f"batch_size {cfg.batch_size} is larger than the {len(ds.train)} training images",
+            "batch_size",
         )
 
-    model = T.create_model(cfg, ds.num_classes)
+    model = T.create_model(cfg)
     if options.init_from and stored is None:
         from flax_resnet.convert import load_pretrained
 
         try:
             load_pretrained(model, options.init_from, num_classes=ds.num_classes)
         except (OSError, ValueError, KeyError) as e:
-            raise RunError(f"--init-from {options.init_from}: {e}") from None
+            raise RunError(f"init_from {options.init_from}: {e}", "init_from") from None
         say(f"initialised from {options.init_from}")
-    tx = T.make_optimizer(cfg, spe)
+    tx = make_optimizer(cfg, spe)
     defs, state = T.init_train_state(model, tx, cfg.seed)
     del model
-    state = T.replicate(jax.device_get(state), mesh)
+    state = replicate(jax.device_get(state), mesh)
     n_params = T.param_count(state.params)
 
     devices = jax.devices()
@@ -303,9 +317,9 @@ def train_and_evaluate(
     say(f"devices: {len(devices)} x {', '.join(kinds)} ({jax.default_backend()}) on "
         f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}, batch {cfg.batch_size} "
         f"= {cfg.batch_size // mesh.devices.size}/device, parallel={cfg.parallel}")
-    stem = cfg.stem or ARCHS[cfg.depth].default_stem
-    say(f"model: ResNet-{cfg.depth} norm={cfg.norm} stem={stem} "
-        f"width={cfg.width} dtype={cfg.dtype}: {n_params:,} parameters; data {ds.name}: "
+    m = cfg.model
+    say(f"model: ResNet-{m.depth} norm={m.norm} stem={m.stem} width={m.width} "
+        f"dtype={cfg.dtype}: {n_params:,} parameters; data {ds.name}: "
         f"{len(ds.train)} train / {len(ds.test)} test, {ds.num_classes} classes, "
         f"{spe} steps/epoch")
 
@@ -325,7 +339,7 @@ def train_and_evaluate(
         say(f"resumed from step {latest} (epoch {meta['epoch'] + 1}, batch "
             f"{meta['step_in_epoch']} of {spe})")
     elif options.eval_only:
-        raise RunError(f"eval_only: no checkpoint in {workdir / 'checkpoints'}")
+        raise RunError(f"eval_only: no checkpoint in {workdir / 'checkpoints'}", "eval_only")
 
     eval_step = T.make_eval_step(defs.eval, cfg, ds.mean, ds.std, mesh)
     if options.eval_only:
@@ -343,7 +357,7 @@ def train_and_evaluate(
         return out
 
     train_step = T.make_train_step(defs.train, tx, cfg, ds.mean, ds.std, mesh)
-    schedule = T.make_schedule(cfg, spe)
+    schedule = make_schedule(cfg, spe)
     start_epoch = int(meta.get("epoch", 0))
     start_in_epoch = int(meta.get("step_in_epoch", 0))
     elapsed = float(meta.get("elapsed_s", 0.0))
@@ -375,7 +389,7 @@ def train_and_evaluate(
         )
         if stopped:
             progress.bar.close()
-            say(f"stopped after step {int(jax.device_get(state.step))} (--stop-after-steps); "
+            say(f"stopped after step {int(jax.device_get(state.step))} (stop_after_steps); "
                 "rerun to resume from the last checkpoint")
             break
         train = T.summarize(metrics)

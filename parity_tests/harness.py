@@ -72,6 +72,7 @@ from torch.overrides import TorchFunctionMode
 import flax_resnet
 import torch_ref
 from flax_resnet import convert
+from flax_resnet.config import ModelConfig
 
 IMAGENET_DEPTHS: tuple[int, ...] = (18, 34, 50, 101, 152)
 CIFAR_DEPTHS: tuple[int, ...] = (20, 32, 44, 56, 110)
@@ -148,9 +149,17 @@ class Config:
         return default_width(self.depth) if self.width is None else self.width
 
     @property
+    def model(self) -> ModelConfig:
+        """The model under test, as both frameworks' ``from_config`` take it."""
+        return ModelConfig(
+            depth=self.depth, norm=self.norm, stem=self.stem, num_classes=self.num_classes,
+            width=self.resolved_width, shortcut=self.shortcut, norm_groups=self.norm_groups,
+            zero_init_residual=self.zero_init_residual,
+        )
+
+    @property
     def resolved_stem(self) -> str:
-        default = "cifar" if self.depth in CIFAR_DEPTHS else "imagenet"
-        return self.stem or default
+        return self.model.stem
 
     @property
     def resolved_hw(self) -> tuple[int, int]:
@@ -158,7 +167,7 @@ class Config:
 
     @property
     def block(self) -> str:
-        return "bottleneck" if self.depth in (50, 101, 152) else "basic"
+        return self.model.block
 
     @property
     def label(self) -> str:
@@ -172,17 +181,6 @@ class Config:
         if self.batch != 2 or self.hw is not None:
             parts.append(f"{self.batch}x{self.resolved_hw[0]}x{self.resolved_hw[1]}")
         return "-".join(parts)
-
-    def factory_kwargs(self) -> dict[str, Any]:
-        return dict(
-            norm=self.norm,
-            stem=self.stem,
-            num_classes=self.num_classes,
-            width=self.resolved_width,
-            shortcut=self.shortcut,
-            norm_groups=self.norm_groups,
-            zero_init_residual=self.zero_init_residual,
-        )
 
 
 def matrix_configs() -> list[Config]:
@@ -248,7 +246,7 @@ def randomize_norms_(model: nn.Module, seed: int) -> None:
 
 def build_torch(cfg: Config) -> nn.Module:
     torch.manual_seed(cfg.seed)
-    model = torch_ref.create_resnet(cfg.depth, **cfg.factory_kwargs())
+    model = torch_ref.from_config(cfg.model)
     randomize_norms_(model, cfg.seed + 1)
     return model
 
@@ -269,9 +267,8 @@ def build_flax(
 ) -> nnx.Module:
     """The Flax model of ``cfg`` with ``dtype`` compute and parameters (float64: call it
     inside ``jax.enable_x64(True)``), loaded from ``weights_file`` if given."""
-    model = flax_resnet.create_resnet(
-        cfg.depth, **cfg.factory_kwargs(), dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(cfg.seed)
-    )
+    model = flax_resnet.from_config(cfg.model, dtype=dtype, param_dtype=dtype,
+                                    rngs=nnx.Rngs(cfg.seed))
     if weights_file is not None:
         convert.load_torch_checkpoint(model, weights_file)
     return model

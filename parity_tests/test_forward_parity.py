@@ -103,7 +103,7 @@ ZERO_INIT = [Config(depth=d, norm=n, zero_init_residual=True) for d in (18, 50, 
 @pytest.mark.parametrize("cfg", ZERO_INIT, ids=_ids(ZERO_INIT))
 def test_zero_init_residual_zeroes_the_same_scales(cfg):
     torch.manual_seed(0)
-    torch_sd = torch_ref.create_resnet(cfg.depth, **cfg.factory_kwargs()).state_dict()
+    torch_sd = torch_ref.from_config(cfg.model).state_dict()
     flax_sd = convert.to_numpy_state_dict(build_flax(cfg))
     zero = {k for k, v in torch_sd.items() if v.ndim == 1 and not v.any()}
     zero_flax = {k for k, v in flax_sd.items() if v.ndim == 1 and not v.any()}

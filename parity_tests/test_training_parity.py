@@ -88,6 +88,7 @@ import torch_ref
 from flax_resnet import data as data_lib
 from flax_resnet import norms
 from flax_resnet import training as ftrain
+from flax_resnet.config import TrainConfig, make_config
 from flax_resnet.convert import (  # the layout transposes, for FlaxSide's index
     _to_flax_layout,
     _to_torch_layout,
@@ -97,6 +98,8 @@ from flax_resnet.convert import (  # the layout transposes, for FlaxSide's index
     torch_key,
 )
 from flax_resnet.models import ARCHS
+from flax_resnet.optim import decay_mask, make_optimizer, make_schedule
+from flax_resnet.sharding import make_mesh, put_batch, replicated
 from torch_ref import training as ttrain
 
 STEPS = 50
@@ -154,8 +157,8 @@ class Case:
     steps_per_epoch: int
     config: dict[str, Any]
 
-    def cfg(self, dtype: str = "float32") -> ftrain.TrainConfig:
-        return ftrain.make_config("study", dataset="synthetic", dtype=dtype, **self.config)
+    def cfg(self, dtype: str = "float32") -> TrainConfig:
+        return make_config("study", dataset="synthetic", dtype=dtype, **self.config)
 
 
 CASES = [
@@ -217,15 +220,12 @@ SHADOW_IDS = [c.id for c in CASES if c.mode == "shadow"]
 # --------------------------------------------------------------------------------------------
 
 
-def torch_model(cfg: ftrain.TrainConfig, seed: int = 0) -> torch.nn.Module:
+def torch_model(cfg: TrainConfig, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch_ref.create_resnet(
-        cfg.depth, norm=cfg.norm, stem=cfg.stem, num_classes=NUM_CLASSES, width=cfg.width,
-        shortcut=cfg.shortcut, norm_groups=cfg.norm_groups,
-    )
+    return torch_ref.from_config(cfg.replace(num_classes=NUM_CLASSES).model)
 
 
-def flax_model_from(tmodel: torch.nn.Module, cfg: ftrain.TrainConfig) -> nnx.Module:
+def flax_model_from(tmodel: torch.nn.Module, cfg: TrainConfig) -> nnx.Module:
     """The Flax model of ``cfg`` holding ``tmodel``'s weights (cast to ``cfg``'s dtype).
 
     Built abstractly (``nnx.eval_shape``: no initialiser runs, which would only compile
@@ -236,7 +236,7 @@ def flax_model_from(tmodel: torch.nn.Module, cfg: ftrain.TrainConfig) -> nnx.Mod
     return load_torch_state_dict(fmodel, tmodel.state_dict())
 
 
-def moment_names(cfg: ftrain.TrainConfig) -> dict[str, str]:
+def moment_names(cfg: TrainConfig) -> dict[str, str]:
     """torch optimizer.state name -> optax state field."""
     if cfg.optimizer == "sgd":
         return {"momentum_buffer": "trace"}
@@ -333,9 +333,9 @@ class FlaxSide:
         self.case = case
         self.cfg = case.cfg(dtype)
         template = flax_model_from(tmodel, self.cfg)
-        self.tx = ftrain.make_optimizer(self.cfg, case.steps_per_epoch)
+        self.tx = make_optimizer(self.cfg, case.steps_per_epoch)
         self.defs, self.state = ftrain.init_train_state(template, self.tx, self.cfg.seed)
-        self.mesh = ftrain.make_mesh(jax.devices()[:1])
+        self.mesh = make_mesh(jax.devices()[:1])
         self.train_step = ftrain.make_train_step(
             self.defs.train, self.tx, self.cfg, data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD,
             self.mesh,
@@ -385,13 +385,13 @@ class FlaxSide:
         """Fresh buffers (the step donates its input), replicated on the mesh as the step's
         outputs are: a host array's type differs from an output's (mesh axis types), and
         feeding both would compile the step twice."""
-        return jax.device_put(jax.tree.map(np.array, state), ftrain.replicated(self.mesh))
+        return jax.device_put(jax.tree.map(np.array, state), replicated(self.mesh))
 
     def initial_state(self) -> ftrain.TrainState:
         return self._placed(self.state)
 
     def step(self, state: Any, images: np.ndarray, labels: np.ndarray) -> tuple[Any, float]:
-        batch = ftrain.put_batch(self.mesh, images.shape[0], images, labels)
+        batch = put_batch(self.mesh, images.shape[0], images, labels)
         metrics = ftrain.zero_metrics(ftrain.loss_dtype(self.cfg))
         state, metrics = self.train_step(state, metrics, *batch)
         return state, float(metrics["loss_sum"]) / images.shape[0]
@@ -784,10 +784,10 @@ def test_schedule_matches_torch_scheduler(overrides, spe, dtype):
     scheduler stepped as ``LRSchedule`` steps it (per epoch or per batch), which computes in
     Python floats. The schedule computes in float32 (≤ 1e-6 of the peak lr), or float64 in
     64-bit JAX (≤ 1e-14: measured ≤ 3e-16)."""
-    cfg = ftrain.make_config("study", lr=0.1, **overrides)
+    cfg = make_config("study", lr=0.1, **overrides)
     n = spe * cfg.epochs
     with precision(dtype):
-        flax_lr = jax.vmap(ftrain.make_schedule(cfg, spe))(jnp.arange(n))
+        flax_lr = jax.vmap(make_schedule(cfg, spe))(jnp.arange(n))
         assert flax_lr.dtype == np.dtype(dtype)
     flax_lr = np.asarray(flax_lr, np.float64)
     p = torch.nn.Parameter(torch.zeros(1))
@@ -810,7 +810,7 @@ def test_schedule_matches_torch_scheduler(overrides, spe, dtype):
 
 def test_decay_groups_match_flax_mask():
     """``decay_norm_and_bias=False``: torch's no-decay group is exactly optax's masked-out set."""
-    cfg = ftrain.make_config("study", depth=18, width=1 / 16, decay_norm_and_bias=False)
+    cfg = make_config("study", depth=18, width=1 / 16, decay_norm_and_bias=False)
     tmodel = torch_model(cfg)
     groups = ttrain.param_groups(tmodel, 0.1, decay_norm_and_bias=False)
     ids = {id(p): g["weight_decay"] > 0 for g in groups for p in g["params"]}
@@ -818,7 +818,7 @@ def test_decay_groups_match_flax_mask():
 
     fmodel = flax_model_from(tmodel, cfg)
     _, params, _ = nnx.split(fmodel, nnx.Param, ...)
-    mask = ftrain.decay_mask(params)
+    mask = decay_mask(params)
     flax_decays = {torch_key(path): bool(m.get_value()) for path, m in nnx.to_flat_state(mask)}
     assert flax_decays == torch_decays
     assert any(torch_decays.values()) and not all(torch_decays.values())
@@ -900,11 +900,11 @@ def _sgd_decay_after_momentum(monkeypatch):
     """Weight decay added to the momentum's output instead of to the gradient before it."""
 
     def slipped(cfg, steps_per_epoch, params=None):
-        mask = None if cfg.decay_norm_and_bias else ftrain.decay_mask
+        mask = None if cfg.decay_norm_and_bias else decay_mask
         return optax.chain(
             optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
             optax.add_decayed_weights(cfg.weight_decay, mask),
-            optax.scale_by_learning_rate(ftrain.make_schedule(cfg, steps_per_epoch)),
+            optax.scale_by_learning_rate(make_schedule(cfg, steps_per_epoch)),
         )
 
     monkeypatch.setattr(ftrain, "make_optimizer", slipped)

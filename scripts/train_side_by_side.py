@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch_ref
     from flax_resnet import data as data_lib
     from flax_resnet import training as ftrain
+    from flax_resnet.config import make_config
     from flax_resnet.convert import load_torch_state_dict
+    from flax_resnet.optim import make_optimizer
+    from flax_resnet.sharding import make_mesh, put_batch
     from torch_ref import training as ttrain
 
     jdev = jax.devices()[0]
@@ -112,30 +115,26 @@ def main(argv: list[str] | None = None) -> int:
     ds = data_lib.load_dataset(args.dataset, args.data_dir)
     spe = ftrain.steps_per_epoch(len(ds.train), args.batch)
     epochs = args.epochs or max(1, math.ceil(args.steps / spe))
-    cfg = ftrain.make_config(
+    cfg = make_config(
         args.recipe, dataset=args.dataset, depth=args.depth, width=args.width, norm=args.norm,
         norm_groups=args.norm_groups, stem=args.stem, init=args.init,
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         momentum=args.momentum, nesterov=args.nesterov,
         decay_norm_and_bias=args.decay_norm_and_bias, schedule=args.schedule, epochs=epochs,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-        batch_size=args.batch, seed=args.seed,
+        batch_size=args.batch, seed=args.seed, num_classes=ds.num_classes,
     )
 
     # --- the same initial weights: torch_ref's, loaded into the Flax model
     torch.manual_seed(args.seed)
-    tmodel = torch_ref.create_resnet(
-        cfg.depth, norm=cfg.norm, stem=cfg.stem, num_classes=ds.num_classes, width=cfg.width,
-        shortcut=cfg.shortcut, init=cfg.init, norm_groups=cfg.norm_groups,
-        zero_init_residual=cfg.zero_init_residual,
-    )
-    fmodel = nnx.eval_shape(lambda: ftrain.create_model(cfg, ds.num_classes))
+    tmodel = torch_ref.from_config(cfg.model)
+    fmodel = nnx.eval_shape(lambda: ftrain.create_model(cfg))
     load_torch_state_dict(fmodel, tmodel.state_dict())
     tmodel.to(tdev)
 
     # --- Flax: the product's optimizer, state and jitted steps
-    mesh = ftrain.make_mesh([jdev])
-    tx = ftrain.make_optimizer(cfg, spe)
+    mesh = make_mesh([jdev])
+    tx = make_optimizer(cfg, spe)
     defs, state = ftrain.init_train_state(fmodel, tx, cfg.seed)
     state = jax.tree.map(np.array, state)  # detach from the model's arrays (the step donates)
     train_step = ftrain.make_train_step(defs.train, tx, cfg, ds.mean, ds.std, mesh)
@@ -156,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
           f"TF32 off on both sides; torch threads {torch.get_num_threads()}")
     print(f"# data {ds.name}: {len(ds.train)} train / {len(ds.test)} test, batch {args.batch}, "
           f"{spe} steps per epoch, {args.steps} steps")
-    print(f"# model: depth {cfg.depth}, width {cfg.width}, norm {cfg.norm}, stem "
-          f"{cfg.stem or 'default'}, init {cfg.init} (torch_ref's weights copied to Flax)")
+    m = cfg.model
+    print(f"# model: depth {m.depth}, width {m.width}, norm {m.norm}, stem {m.stem}, init "
+          f"{m.init} (torch_ref's weights copied to Flax)")
     print(f"# recipe {args.recipe}: {cfg.optimizer} lr {cfg.lr} wd {cfg.weight_decay} "
           f"momentum {cfg.momentum} nesterov {cfg.nesterov} decay_norm_and_bias "
           f"{cfg.decay_norm_and_bias}, schedule {cfg.schedule} over {cfg.epochs} epochs "
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             lr = optimizer.param_groups[0]["lr"]
 
             t0 = time.perf_counter()
-            batch = ftrain.put_batch(mesh, args.batch, images, labels)
+            batch = put_batch(mesh, args.batch, images, labels)
             state, metrics = train_step(state, ftrain.zero_metrics(), *batch)
             f_losses.append(float(metrics["loss_sum"]) / args.batch)
             t1 = time.perf_counter()

@@ -58,7 +58,8 @@ def test_json_structure(bench_run: tuple[dict, str, str]) -> None:
     assert entry["config"]["name"] == CONFIG
     assert entry["config"]["image_size"] == 16
     assert entry["flops"]["train_per_image"] == 3 * entry["flops"]["forward_per_image"] > 0
-    assert entry["train_config"]["depth"] == 18 and entry["train_config"]["batch_size"] == 8
+    assert entry["train_config"]["model"]["depth"] == 18
+    assert entry["train_config"]["batch_size"] == 8
     assert set(entry["frameworks"]) == {"flax", "flax_twopass", "torch"}
     assert entry["frameworks"]["flax"]["bn_variance"] == "auto"
     assert entry["frameworks"]["flax_twopass"]["bn_variance"] == "twopass"
@@ -221,24 +222,26 @@ def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() ->
 
     import torch_ref
     from flax_resnet import training as T
+    from flax_resnet.config import make_config
     from flax_resnet.convert import load_torch_state_dict
     from flax_resnet.data import normalize, synthetic_dataset
+    from flax_resnet.optim import make_optimizer
+    from flax_resnet.sharding import make_mesh
     from parity_tests.harness import randomize_norms_
     from torch_ref.training import evaluate as torch_evaluate
     from torch_ref.training import nhwc_to_nchw
     from torch_ref.training import normalize as torch_normalize
 
-    cfg = T.make_config("fast", dataset="synthetic:64:70", depth=20, width=0.25, batch_size=32,
+    cfg = make_config("fast", dataset="synthetic:64:70", depth=20, width=0.25, batch_size=32,
                         eval_flip=True, zero_init_residual=False)
     ds = synthetic_dataset(64, 70)
-    tmodel = torch_ref.create_resnet(20, norm="bn", stem=cfg.stem, num_classes=10, width=0.25,
-                                     init=cfg.init)
+    tmodel = torch_ref.from_config(cfg.model)
     randomize_norms_(tmodel, seed=3)
     tmodel.eval()
     x_torch = torch_normalize(nhwc_to_nchw(ds.test.images), ds.mean, ds.std)
     with torch.no_grad():  # centre the logits: untrained, one class would win everywhere
         tmodel.fc.bias -= tmodel(x_torch).mean(0)
-    model = T.create_model(cfg, 10)
+    model = T.create_model(cfg)
     load_torch_state_dict(model, tmodel.state_dict())
 
     model.eval()
@@ -250,8 +253,8 @@ def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() ->
     assert n_plain < 70, "the mirror changes no prediction: the test cannot tell flip from none"
     test = dataclasses.replace(ds.test, labels=labels)
 
-    mesh = T.make_mesh(jax.devices()[:1])
-    defs, state = T.init_train_state(model, T.make_optimizer(cfg, 2), 0)
+    mesh = make_mesh(jax.devices()[:1])
+    defs, state = T.init_train_state(model, make_optimizer(cfg, 2), 0)
     eval_step = T.make_eval_step(defs.eval, cfg, ds.mean, ds.std, mesh)
     flax = T.evaluate(eval_step, state, test, 32, mesh)
     assert flax["count"] == 70 and flax["acc_flip"] == 1.0

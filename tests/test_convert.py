@@ -39,7 +39,7 @@ ROUND_TRIP = [
 
 def trained_flax(cfg: Config, seed: int = 0) -> nnx.Module:
     """A Flax model whose BatchNorm stats and counters moved away from their init values."""
-    model = flax_resnet.create_resnet(cfg.depth, **cfg.factory_kwargs(), rngs=nnx.Rngs(seed))
+    model = flax_resnet.from_config(cfg.model, rngs=nnx.Rngs(seed))
     model.train()
     x, _ = make_inputs(cfg)
     model(nhwc(x))
@@ -66,12 +66,12 @@ def test_round_trip_through_torch_state_dict_is_bit_exact(cfg):
     model = trained_flax(cfg, seed=1)
     state_dict = convert.to_torch_state_dict(model)
     assert all(isinstance(v, torch.Tensor) for v in state_dict.values())
-    other = flax_resnet.create_resnet(cfg.depth, **cfg.factory_kwargs(), rngs=nnx.Rngs(2))
+    other = flax_resnet.from_config(cfg.model, rngs=nnx.Rngs(2))
     assert not all(np.array_equal(flax_values(model)[k], v) for k, v in flax_values(other).items())
     convert.load_torch_state_dict(other, state_dict)
     assert_bit_exact(model, other)
     # ... and the numpy flavour too
-    third = flax_resnet.create_resnet(cfg.depth, **cfg.factory_kwargs(), rngs=nnx.Rngs(3))
+    third = flax_resnet.from_config(cfg.model, rngs=nnx.Rngs(3))
     convert.load_torch_state_dict(third, convert.to_numpy_state_dict(model))
     assert_bit_exact(model, third)
 
@@ -92,7 +92,7 @@ def test_safetensors_file_loads_into_torch_ref_strictly_with_same_logits(cfg, tm
     path = tmp_path / "model.safetensors"
     convert.save_safetensors(model, path)
     assert os.listdir(tmp_path) == ["model.safetensors"]  # written atomically, no leftovers
-    torch_model = torch_ref.create_resnet(cfg.depth, **cfg.factory_kwargs())
+    torch_model = torch_ref.from_config(cfg.model)
     result = torch_model.load_state_dict(load_safetensors_torch(str(path)), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     x, _ = make_inputs(cfg)
@@ -103,7 +103,7 @@ def test_safetensors_file_loads_into_torch_ref_strictly_with_same_logits(cfg, tm
     # Same tolerance and reason as the forward parity tests (harness.LOGIT_RTOL).
     assert rel_err(y_flax, y_torch) <= LOGIT_RTOL
     # The file also loads back into Flax bit-exactly.
-    back = flax_resnet.create_resnet(cfg.depth, **cfg.factory_kwargs(), rngs=nnx.Rngs(5))
+    back = flax_resnet.from_config(cfg.model, rngs=nnx.Rngs(5))
     convert.load_torch_checkpoint(back, path)
     assert_bit_exact(model, back)
 
@@ -162,7 +162,7 @@ def test_pt_file_without_a_state_dict_raises(tmp_path):
 @pytest.fixture
 def pair():
     cfg = Config(depth=18, norm="bn", num_classes=10)
-    model = flax_resnet.create_resnet(cfg.depth, **cfg.factory_kwargs(), rngs=nnx.Rngs(0))
+    model = flax_resnet.from_config(cfg.model, rngs=nnx.Rngs(0))
     return model, build_torch(cfg).state_dict()
 
 

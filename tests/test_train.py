@@ -23,6 +23,8 @@ import pytest
 
 from flax_resnet import training as T
 from flax_resnet.checkpoint import Checkpointer
+from flax_resnet.config import TrainConfig, make_config
+from flax_resnet.optim import make_optimizer, make_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
@@ -92,26 +94,27 @@ def reference_run(tmp_path_factory, jax_cache) -> tuple[Path, subprocess.Complet
 
 
 def test_recipes_and_overrides():
-    seed = T.make_config("study")
-    assert (seed.depth, seed.norm, seed.optimizer, seed.lr, seed.weight_decay) == (
+    seed = make_config("study")
+    assert (seed.model.depth, seed.model.norm, seed.optimizer, seed.lr, seed.weight_decay) == (
         34, "bn", "adamw", 1e-3, 1e-2)
     assert (seed.batch_size, seed.epochs, seed.schedule, seed.decay_norm_and_bias) == (
         100, 80, "study", True)
-    he = T.make_config("he")
-    assert (he.depth, he.optimizer, he.lr, he.momentum, he.weight_decay, he.batch_size) == (
+    he = make_config("he")
+    assert (he.model.depth, he.optimizer, he.lr, he.momentum, he.weight_decay, he.batch_size) == (
         32, "sgd", 0.1, 0.9, 1e-4, 128)
     assert he.schedule == "multistep" and he.lr_milestones == (0.5, 0.75)
-    assert T.make_config("he", depth=56).depth == 56
-    fast = T.make_config("fast")
+    assert make_config("he", depth=56).model.depth == 56
+    fast = make_config("fast")
     assert fast.nesterov and fast.label_smoothing == 0.1 and not fast.decay_norm_and_bias
-    assert (fast.depth, fast.stem, fast.batch_size, fast.epochs) == (18, "cifar", 512, 30)
+    assert (fast.model.depth, fast.model.stem, fast.batch_size, fast.epochs) == (
+        18, "cifar", 512, 30)
     # explicit flags win; --epochs alone rescales the preset's warmup
-    assert T.make_config("fast", epochs=15).warmup_epochs == pytest.approx(1.0)
-    assert T.make_config("fast", epochs=15, warmup_epochs=3).warmup_epochs == 3
-    assert T.make_config(norm="RMSNorm").norm == "rms"
-    assert T.make_config(schedule="step").schedule == "multistep"
-    cfg = T.make_config("fast", lr=0.05)
-    assert T.TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert make_config("fast", epochs=15).warmup_epochs == pytest.approx(1.0)
+    assert make_config("fast", epochs=15, warmup_epochs=3).warmup_epochs == 3
+    assert make_config(norm="RMSNorm").model.norm == "rms"
+    assert make_config(schedule="step").schedule == "multistep"
+    cfg = make_config("fast", lr=0.05)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -121,7 +124,7 @@ def test_recipes_and_overrides():
 ])
 def test_bad_config_values_are_named(field, value, needle):
     with pytest.raises(ValueError) as e:
-        T.make_config(**{field: value})
+        make_config(**{field: value})
     assert needle in str(e.value)
 
 
@@ -130,28 +133,28 @@ def test_bad_config_values_are_named(field, value, needle):
 
 def test_epoch_based_schedules_step_at_epoch_boundaries():
     spe = 10
-    seed = T.make_schedule(T.make_config(lr=0.3, epochs=80), spe)
+    seed = make_schedule(make_config(lr=0.3, epochs=80), spe)
     for epoch, expected in [(0, 0.3), (19, 0.3), (20, 0.1), (39, 0.1), (40, 0.1 / 3),
                             (79, 0.3 / 27)]:
         for i in (0, spe - 1):  # constant within the epoch
             assert float(seed(epoch * spe + i)) == pytest.approx(expected, rel=1e-6)
-    multi = T.make_schedule(T.make_config("he", epochs=8), spe)
+    multi = make_schedule(make_config("he", epochs=8), spe)
     got = [float(multi(e * spe + 5)) for e in range(8)]
     np.testing.assert_allclose(got, [0.1] * 4 + [0.01] * 2 + [0.001] * 2, rtol=1e-6)
-    const = T.make_schedule(T.make_config(schedule="constant", lr=0.2), spe)
+    const = make_schedule(make_config(schedule="constant", lr=0.2), spe)
     assert float(const(0)) == float(const(10**6)) == pytest.approx(0.2)
 
 
 def test_cosine_and_onecycle_schedules():
-    cfg = T.make_config("fast", epochs=10, warmup_epochs=2, lr=0.4)
-    s = T.make_schedule(cfg, 10)
+    cfg = make_config("fast", epochs=10, warmup_epochs=2, lr=0.4)
+    s = make_schedule(cfg, 10)
     assert float(s(0)) == pytest.approx(0.4 / 20)  # linear warmup over 20 steps
     assert float(s(19)) == pytest.approx(0.4)
     assert float(s(20)) == pytest.approx(0.4)
     assert float(s(60)) == pytest.approx(0.2, rel=1e-5)  # halfway through the cosine
     assert float(s(99)) < 1e-3
-    one = T.make_schedule(
-        T.make_config("fast", schedule="onecycle", epochs=10, warmup_epochs=2, lr=0.4), 10)
+    one = make_schedule(
+        make_config("fast", schedule="onecycle", epochs=10, warmup_epochs=2, lr=0.4), 10)
     # torch OneCycleLR: peak at update pct·total - 1 = 19, lr/25/1e4 at the last update (99)
     assert float(one(0)) == pytest.approx(0.4 / 25, rel=1e-5)
     assert float(one(19)) == pytest.approx(0.4, rel=1e-6)
@@ -184,9 +187,9 @@ def test_sgd_matches_torch_formula():
     """torch.optim.SGD: g += wd·p; buf = μ·buf + g (buf = g at step 1); p -= lr·(g + μ·buf)
     with nesterov, else lr·buf."""
     for nesterov in (False, True):
-        cfg = T.make_config(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.01,
+        cfg = make_config(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.01,
                             nesterov=nesterov, schedule="constant")
-        got = _run_tx(T.make_optimizer(cfg, 1))
+        got = _run_tx(make_optimizer(cfg, 1))
         p = jax.tree.map(np.asarray, _params())
         buf = None
         for t in range(3):
@@ -198,8 +201,8 @@ def test_sgd_matches_torch_formula():
 
 
 def test_adamw_matches_torch_formula_and_decays_every_param():
-    cfg = T.make_config(lr=0.01, weight_decay=0.1, schedule="constant")
-    got = _run_tx(T.make_optimizer(cfg, 1))
+    cfg = make_config(lr=0.01, weight_decay=0.1, schedule="constant")
+    got = _run_tx(make_optimizer(cfg, 1))
     p = jax.tree.map(np.asarray, _params())
     m = jax.tree.map(np.zeros_like, p)
     v = jax.tree.map(np.zeros_like, p)
@@ -215,9 +218,9 @@ def test_adamw_matches_torch_formula_and_decays_every_param():
 
 
 def test_no_decay_mask_spares_norm_scales_and_biases():
-    cfg = T.make_config(optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.5,
+    cfg = make_config(optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.5,
                         schedule="constant", decay_norm_and_bias=False)
-    tx = T.make_optimizer(cfg, 1)
+    tx = make_optimizer(cfg, 1)
     params = _params()
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
@@ -278,7 +281,8 @@ def test_cli_end_to_end_synthetic(reference_run):
     assert "flip TTA" in r.stdout
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((workdir / "config.json").read_text())
-    assert config["depth"] == 20 and config["dataset"] == "synthetic:256:64"
+    assert config["model"]["depth"] == 20 and config["dataset"] == "synthetic:256:64"
+    assert config["model"]["num_classes"] == 10  # the data set's, recorded with the model
     ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
     assert ckpt.all_steps() == [8, 16]  # kept 2, one per epoch
     state = _final_state(workdir)
@@ -362,18 +366,21 @@ def test_two_processes_match_one(reference_run, jax_cache, tmp_path):
 _MULTI_DEVICE = textwrap.dedent("""
     import jax, numpy as np
     from flax_resnet import training as T, data as D
+    from flax_resnet.config import TrainConfig, make_config
+    from flax_resnet.optim import make_optimizer, make_schedule
+    from flax_resnet.sharding import make_mesh, replicate
 
     assert jax.device_count() == 8
-    cfg = T.make_config(dataset="synthetic:256:64", depth=20, width=0.25, batch_size=32,
+    cfg = make_config(dataset="synthetic:256:64", depth=20, width=0.25, batch_size=32,
                         optimizer="sgd", lr=0.02, schedule="constant", label_smoothing=0.1)
     ds = D.load_dataset(cfg.dataset)
-    tx = T.make_optimizer(cfg, 8)
+    tx = make_optimizer(cfg, 8)
     defs, state0 = T.init_train_state(T.create_model(cfg, 10), tx, cfg.seed)
     state0 = jax.device_get(state0)
 
     def run(devices, parallel, steps, start=state0):
-        mesh = T.make_mesh(devices)
-        state, metrics = T.replicate(start, mesh), T.replicate_metrics(None, mesh)
+        mesh = make_mesh(devices)
+        state, metrics = replicate(start, mesh), T.replicate_metrics(None, mesh)
         step = T.make_train_step(defs.train, tx, cfg, ds.mean, ds.std, mesh, parallel)
         losses = []
         for i, (x, y) in enumerate(T.epoch_batches(ds.train, 0, 0, 32, mesh)):
@@ -458,7 +465,7 @@ _MULTI_DEVICE = textwrap.dedent("""
     import dataclasses
     with jax.enable_x64(True):
         cfg64 = dataclasses.replace(cfg, dtype="float64")
-        tx64 = T.make_optimizer(cfg64, 8)
+        tx64 = make_optimizer(cfg64, 8)
         defs64, s64 = T.init_train_state(T.create_model(cfg64, 10), tx64, cfg64.seed)
         s64 = jax.device_get(s64)
         assert {np.asarray(x).dtype for x in floats(s64)} == {np.dtype("float64")}
@@ -466,8 +473,8 @@ _MULTI_DEVICE = textwrap.dedent("""
             x.dtype == np.float64 for x in floats(s64.batch_stats))
 
         def run64(devices, parallel):
-            mesh = T.make_mesh(devices)
-            state = T.replicate(s64, mesh)
+            mesh = make_mesh(devices)
+            state = replicate(s64, mesh)
             metrics = T.replicate_metrics(None, mesh, T.loss_dtype(cfg64))
             step = T.make_train_step(defs64.train, tx64, cfg64, ds.mean, ds.std, mesh, parallel)
             for i, (x, y) in enumerate(T.epoch_batches(ds.train, 0, 0, 32, mesh)):
@@ -563,8 +570,11 @@ def test_image_folder_cli_bfloat16_init_from(jax_cache, tmp_path):
     # (written by a subprocess: it shares the session's compilation cache)
     code = textwrap.dedent(f"""
         from flax_resnet import training as T
+        from flax_resnet.config import TrainConfig, make_config
+        from flax_resnet.optim import make_optimizer, make_schedule
+        from flax_resnet.sharding import make_mesh, replicate
         from flax_resnet.convert import save_safetensors
-        model = T.create_model(T.make_config(depth=20, width=0.25), 10, seed=7)
+        model = T.create_model(make_config(depth=20, width=0.25), 10, seed=7)
         save_safetensors(model, {str(tmp_path / "pretrained.safetensors")!r})
     """)
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(jax_cache), check=True,
@@ -607,7 +617,7 @@ def test_tfds_cli_mocked_without_tensorflow(jax_cache, tmp_path):
 
 
 def test_compilation_cache_dir_flag_env_default(monkeypatch, tmp_path):
-    import train
+    from flax_resnet import distributed as train
 
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/from/env")
     assert train.compilation_cache_dir("/from/flag") == "/from/flag"

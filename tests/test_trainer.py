@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from flax_resnet import trainer, training
-from flax_resnet.config import ConfigError
+from flax_resnet import trainer
+from flax_resnet.config import ConfigError, make_config
 
 
 def _config(**overrides):
     fields = dict(dataset="synthetic:64:32", depth=20, width=0.25, batch_size=32, epochs=1)
-    return training.make_config("study", **{**fields, **overrides})
+    return make_config("study", **{**fields, **overrides})
 
 
 def test_train_and_evaluate_from_python(tmp_path):

@@ -8,11 +8,12 @@ from torch_ref.models import (
     ResNet,
     ZeroPadShortcut,
     create_resnet,
+    from_config,
     init_weights,
 )
 from torch_ref.norms import NORMS, RMSNorm2d, make_norm
 
 __all__ = [
     "ARCHS", "INIT_SCHEMES", "NORMS", "BasicBlock", "BottleNeck", "ResNet", "RMSNorm2d",
-    "ZeroPadShortcut", "create_resnet", "init_weights", "make_norm",
+    "ZeroPadShortcut", "create_resnet", "from_config", "init_weights", "make_norm",
 ]

@@ -200,18 +200,21 @@ def create_resnet(depth: int, *, norm: str = "bn", stem: str | None = None, num_
                   in_channels: int = 3) -> ResNet:
     """Same arguments as ``flax_resnet.create_resnet`` (less rngs and dtypes), validated by
     the same ``flax_resnet.config.ModelConfig``."""
-    cfg = ModelConfig(
+    return from_config(ModelConfig(
         depth=depth, norm=norm, stem=stem, num_classes=num_classes, width=width,
         shortcut=shortcut, init=init, norm_groups=norm_groups,
         zero_init_residual=zero_init_residual, in_channels=in_channels,
-    )
+    ))
+
+
+def from_config(cfg: ModelConfig) -> ResNet:
+    """The ResNet ``cfg`` describes (see ``create_resnet``)."""
     block, num_block, channels, _, _ = ARCHS[cfg.depth]
     channels = tuple(max(1, round(c * cfg.width)) for c in channels)
     block_cls = BasicBlock if block == "basic" else BottleNeck
     model = ResNet(block_cls, num_block, channels, cfg.num_classes, cfg.stem, cfg.norm,
                    cfg.norm_groups, cfg.shortcut, cfg.in_channels)
-    init = cfg.init
-    init_weights(model, init)
+    init_weights(model, cfg.init)
     if cfg.zero_init_residual:
         for m in model.modules():
             if isinstance(m, (BasicBlock, BottleNeck)):
@@ -222,5 +225,6 @@ def create_resnet(depth: int, *, norm: str = "bn", stem: str | None = None, num_
 
 
 __all__ = [
-    "BasicBlock", "BottleNeck", "ResNet", "ZeroPadShortcut", "create_resnet", "init_weights",
+    "BasicBlock", "BottleNeck", "ResNet", "ZeroPadShortcut", "create_resnet", "from_config",
+    "init_weights",
 ]

@@ -18,7 +18,7 @@ choice that ``flax_resnet.training`` makes spelled out so both sides compute the
   here bit for bit.
 
 Functions that need hyper-parameters take a ``cfg``: any object with the attribute names of
-``flax_resnet.training.TrainConfig`` (``optimizer``, ``lr``, ``weight_decay``, ``momentum``,
+``flax_resnet.config.TrainConfig`` (``optimizer``, ``lr``, ``weight_decay``, ``momentum``,
 ``nesterov``, ``decay_norm_and_bias``, ``schedule``, ``epochs``, ``warmup_epochs``,
 ``lr_milestones``, ``lr_gamma``, ``label_smoothing``), e.g. the very ``TrainConfig`` the
 Flax side trains with, or a ``types.SimpleNamespace``. This module does not import JAX.
@@ -35,12 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import lr_scheduler
 
+from flax_resnet.config import OPTIMIZERS, SCHEDULES, canonical_schedule, check_choice
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-OPTIMIZERS = ("adamw", "sgd", "adam")
-from flax_resnet.config import SCHEDULE_ALIASES, canonical_schedule  # noqa: E402
 
-SCHEDULES = tuple(SCHEDULE_ALIASES)
 PER_BATCH_SCHEDULES = ("cosine", "onecycle")
 
 
@@ -102,7 +101,7 @@ def param_groups(
     """Optimizer param groups: everything decays, or only conv/linear weights (ndim > 1).
 
     ``decay_norm_and_bias=False`` puts norm scales and biases (the 1-D parameters) in a group
-    with ``weight_decay=0``: ``flax_resnet.training.decay_mask`` as torch param groups.
+    with ``weight_decay=0``: ``flax_resnet.optim.decay_mask`` as torch param groups.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if decay_norm_and_bias:
@@ -120,17 +119,20 @@ def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
 
     The lr is ``cfg.lr``; the scheduler (``make_scheduler``) sets the per-step value.
     """
+    check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
     groups = param_groups(model, float(cfg.weight_decay), bool(cfg.decay_norm_and_bias))
-    lr = float(cfg.lr)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=lr, momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov)
-        )
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZER_BUILDERS[cfg.optimizer](groups, float(cfg.lr), cfg)
+
+
+# optimizer name (flax_resnet.config.OPTIMIZERS) -> (param groups, lr, config) -> optimizer
+OPTIMIZER_BUILDERS: dict[str, Callable[[list, float, Any], torch.optim.Optimizer]] = {
+    "adamw": lambda groups, lr, cfg: torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999),
+                                                       eps=1e-8),
+    "sgd": lambda groups, lr, cfg: torch.optim.SGD(groups, lr=lr, momentum=float(cfg.momentum),
+                                                   nesterov=bool(cfg.nesterov)),
+    "adam": lambda groups, lr, cfg: torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999),
+                                                     eps=1e-8),
+}
 
 
 class LRSchedule:
@@ -139,7 +141,7 @@ class LRSchedule:
     Call ``step()`` after every batch: per-batch schedules (``cosine``, ``onecycle``) step the
     torch scheduler every time, per-epoch ones (``study``, ``multistep``, ``constant``) after
     the last batch of each epoch — the usual PyTorch loops, and what ``make_schedule`` of
-    ``flax_resnet.training`` computes from the update count.
+    ``flax_resnet.optim`` computes from the update count.
     """
 
     def __init__(
@@ -180,37 +182,47 @@ def make_scheduler(
     if spe < 1:
         raise ValueError("steps_per_epoch must be >= 1")
     schedule = canonical_schedule(cfg.schedule)
-    epochs = int(cfg.epochs)
-    total = max(1, spe * epochs)
-    if schedule == "constant":
-        return LRSchedule(lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), spe, False)
-    if schedule == "study":
-        return LRSchedule(lr_scheduler.StepLR(optimizer, step_size=20, gamma=1 / 3), spe, False)
-    if schedule in ("step", "multistep"):
-        milestones = sorted(round(m * epochs) for m in cfg.lr_milestones)
-        sched = lr_scheduler.MultiStepLR(optimizer, milestones, gamma=float(cfg.lr_gamma))
-        return LRSchedule(sched, spe, False)
+    total = max(1, spe * int(cfg.epochs))
     warmup = int(round(float(cfg.warmup_epochs) * spe))
-    if schedule == "cosine":
-        cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
-        if warmup == 0:
-            return LRSchedule(cosine, spe, True)
-        # LinearLR's factor at batch i is start + (1 - start) · i / total_iters; with
-        # start = 1/warmup and total_iters = warmup - 1 that is (i + 1) / warmup.
-        warm = lr_scheduler.LinearLR(
-            optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1
-        )
-        sched = lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[warmup])
-        return LRSchedule(sched, spe, True)
-    if schedule == "onecycle":
-        pct = warmup / total if warmup > 0 else 0.3
-        sched = lr_scheduler.OneCycleLR(
-            optimizer, max_lr=float(cfg.lr), total_steps=total, pct_start=pct,
-            anneal_strategy="cos", cycle_momentum=False, div_factor=25.0,
-            final_div_factor=1e4,
-        )
-        return LRSchedule(sched, spe, True)
-    raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    scheduler = SCHEDULE_BUILDERS[schedule](optimizer, cfg, total, warmup)
+    return LRSchedule(scheduler, spe, schedule in PER_BATCH_SCHEDULES)
+
+
+def _multistep(optimizer: Any, cfg: Any, total: int, warmup: int) -> lr_scheduler.LRScheduler:
+    milestones = sorted(round(m * int(cfg.epochs)) for m in cfg.lr_milestones)
+    return lr_scheduler.MultiStepLR(optimizer, milestones, gamma=float(cfg.lr_gamma))
+
+
+def _cosine(optimizer: Any, cfg: Any, total: int, warmup: int) -> lr_scheduler.LRScheduler:
+    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    # LinearLR's factor at batch i is start + (1 - start) · i / total_iters; with
+    # start = 1/warmup and total_iters = warmup - 1 that is (i + 1) / warmup.
+    warm = lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1
+    )
+    return lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[warmup])
+
+
+def _onecycle(optimizer: Any, cfg: Any, total: int, warmup: int) -> lr_scheduler.LRScheduler:
+    return lr_scheduler.OneCycleLR(
+        optimizer, max_lr=float(cfg.lr), total_steps=total,
+        pct_start=warmup / total if warmup > 0 else 0.3, anneal_strategy="cos",
+        cycle_momentum=False, div_factor=25.0, final_div_factor=1e4,
+    )
+
+
+# canonical schedule name (flax_resnet.config.SCHEDULES) -> (optimizer, config, total
+# batches, warmup batches) -> torch scheduler; PER_BATCH_SCHEDULES step every batch
+SCHEDULE_BUILDERS: dict[str, Callable[..., lr_scheduler.LRScheduler]] = {
+    "study": lambda opt, cfg, total, warmup: lr_scheduler.StepLR(opt, step_size=20,
+                                                                 gamma=1 / 3),
+    "multistep": _multistep,
+    "cosine": _cosine,
+    "onecycle": _onecycle,
+    "constant": lambda opt, cfg, total, warmup: lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+}
 
 
 def make_criterion(cfg: Any) -> nn.CrossEntropyLoss:
