@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from flax_resnet.config import ConfigError
+from flax_resnet.config import ConfigError, option
 
 
 def _cluster_detected() -> bool:
@@ -67,3 +68,28 @@ def compilation_cache_dir(requested: str | None) -> str | None:
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "flax_resnet", "jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessOptions:
+    """This process's place in a multi-host run and its compilation cache (``start``)."""
+
+    coordinator: str | None = option(
+        None, "multi-host: address of process 0 (jax.distributed.initialize); default "
+        "$JAX_COORDINATOR_ADDRESS, or detected under SLURM/Open MPI/Cloud TPU",
+        group="parallelism", metavar="HOST:PORT")
+    num_processes: int | None = option(None, "multi-host: process count", group="parallelism")
+    process_id: int | None = option(None, "multi-host: this process", group="parallelism")
+    compilation_cache: str | None = option(
+        None, "JAX persistent compilation cache: a rerun of the same model, batch and devices "
+        "loads its compiled steps. Default $JAX_COMPILATION_CACHE_DIR, else "
+        "~/.cache/flax_resnet/jax; '' disables it", group="run", metavar="DIR")
+
+    def start(self) -> None:
+        """Join the multi-host run, if any, and set the compilation cache: process-wide JAX
+        state, so call it once the rest of the configuration is known to be good."""
+        init_distributed(self.coordinator, self.num_processes, self.process_id)
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir",
+                          compilation_cache_dir(self.compilation_cache))

@@ -5,16 +5,11 @@
     python train.py --recipe fast --dataset folder:data/cifar10-jpeg
     python train.py --recipe he --epochs 2 --dataset synthetic --workdir runs/smoke
 
-The same command runs on the CPU, one GPU, several GPUs or a TPU slice: the batch is
-sharded over every device of every host. On several hosts pass ``--coordinator HOST:PORT
---num-processes N --process-id I`` (or set JAX_COORDINATOR_ADDRESS / run under SLURM, Open
-MPI or a Cloud TPU, where they are detected). Rerunning a command resumes from the latest
-checkpoint in ``--workdir``; ``--eval-only`` evaluates it.
-
-The flags are made from the fields of ``flax_resnet.config.TrainConfig`` (with its
-``ModelConfig``) and ``flax_resnet.trainer.RunOptions``: a field's name with dashes is its
-flag, its help is the field's. This module only parses, wires and turns the library's
-errors into messages with exit code 2.
+The batch is sharded over every device of every host; rerunning a command resumes the run
+in ``--workdir``. The flags are made from the fields of ``flax_resnet.config.TrainConfig``
+(its ``ModelConfig`` included) and ``flax_resnet.trainer.RunOptions``: a field's name with
+dashes, its help. This module only parses, wires, and turns the library's errors into
+messages (naming the flag) with exit code 2.
 """
 
 from __future__ import annotations
@@ -27,11 +22,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from flax_resnet.config import RECIPES, ConfigError, ModelConfig, TrainConfig, make_config
+from flax_resnet.distributed import ProcessOptions
+from flax_resnet.trainer import RunOptions
 
 EXIT_USAGE = 2
-CLI_ONLY_FLAGS = {name: "--" + name.replace("_", "-")
-                  for name in ("recipe", "coordinator", "num_processes", "process_id")}
-GROUPS = ("recipe and data", "model", "optimization", "parallelism", "run")
+GROUPS = {"data": "recipe and data", "model": "model", "optimization": "optimization",
+          "parallelism": "parallelism", "run": "run"}
 
 
 class UsageError(Exception):
@@ -52,8 +48,7 @@ def _fields(cls: type, group: str) -> Iterator[tuple[dataclasses.Field, str, str
             yield from _fields(ModelConfig, "model")
         elif "help" in f.metadata and f.metadata.get("flag", f.name) is not None:
             flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
-            yield f, flag, {"data": "recipe and data"}.get(f.metadata.get("group"),
-                                                            f.metadata.get("group", group))
+            yield f, flag, f.metadata.get("group", group)
 
 
 def _recipe_defaults(field: dataclasses.Field) -> str:
@@ -91,15 +86,13 @@ def _add(group: argparse._ArgumentGroup, f: dataclasses.Field, flag: str, defaul
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flax_resnet.trainer import RunOptions
-
     p = argparse.ArgumentParser(
         prog="train.py", description=__doc__.split("\n\n")[0],
         epilog="Model and optimization flags override the --recipe preset; unset ones take "
         "the preset's value (shown per recipe).",
         formatter_class=_HelpFormatter)
-    groups = {name: p.add_argument_group(name) for name in GROUPS}
-    groups["recipe and data"].add_argument(
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    groups["data"].add_argument(
         "--recipe", choices=tuple(RECIPES), default=None,
         help="preset (flax_resnet.config.RECIPES): study = the study's run (ResNet-34, AdamW "
         "1e-3, batch 100, 80 epochs, lr/3 every 20); he = He et al. CIFAR (ResNet-32, SGD "
@@ -108,23 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     for f, flag, group in _fields(TrainConfig, "optimization"):
         # None: not given, so the recipe's value (and a resumed run's stored one) holds
         _add(groups[group], f, flag, None, f"{f.metadata['help']}; {_recipe_defaults(f)}")
-    run_defaults = {"data_dir": os.environ.get("TFDS_DATA_DIR", "data")}
-    for f, flag, group in _fields(RunOptions, "run"):
-        _add(groups[group], f, flag, run_defaults.get(f.name, f.default), f.metadata["help"])
-    g = groups["parallelism"]
-    g.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="multi-host: address of process 0 (jax.distributed.initialize); "
-                   "default $JAX_COORDINATOR_ADDRESS, or auto-detected under SLURM/Open MPI/TPU")
-    g.add_argument("--num-processes", type=int, help="multi-host: process count")
-    g.add_argument("--process-id", type=int, help="multi-host: this process")
     groups["run"].add_argument(
         "--workdir", default="runs/default",
         help="checkpoints, config.json, metrics.jsonl, curves.png, summary.json")
-    groups["run"].add_argument(
-        "--compilation-cache", metavar="DIR",
-        help="JAX persistent compilation cache: a rerun of the same model, batch and devices "
-        "loads its compiled steps. Default $JAX_COMPILATION_CACHE_DIR, else "
-        "~/.cache/flax_resnet/jax; '' disables it")
+    run_defaults = {"data_dir": os.environ.get("TFDS_DATA_DIR", "data")}
+    for f, flag, group in (*_fields(RunOptions, "run"), *_fields(ProcessOptions, "run")):
+        _add(groups[group], f, flag, run_defaults.get(f.name, f.default), f.metadata["help"])
     return p
 
 
@@ -138,23 +120,22 @@ def _flag_message(e: ConfigError | Exception, flags: dict[str, str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Wire the flags to ``flax_resnet.trainer.train_and_evaluate``."""
-    from flax_resnet.distributed import compilation_cache_dir, init_distributed
-    from flax_resnet.trainer import RunError, RunOptions, train_and_evaluate
+    from flax_resnet.trainer import RunError, train_and_evaluate
 
-    config_flags = {f.name: flag for f, flag, _ in _fields(TrainConfig, "")}
-    run_flags = {f.name: flag for f, flag, _ in _fields(RunOptions, "")}
-    flags = {**config_flags, **run_flags}
-    explicit = {k: getattr(args, k) for k in config_flags if getattr(args, k) is not None}
+    flags = {f.name: flag for cls in (TrainConfig, RunOptions, ProcessOptions)
+             for f, flag, _ in _fields(cls, "")}
+    flags["recipe"] = "--recipe"
+
+    def given(cls: type) -> dict[str, Any]:
+        return {f.name: getattr(args, f.name) for f, _, _ in _fields(cls, "")}
+
+    explicit = {k: v for k, v in given(TrainConfig).items() if v is not None}
     try:
         config = make_config(args.recipe or "study", **explicit)
-        options = RunOptions(**{k: getattr(args, k) for k in run_flags})
-        init_distributed(args.coordinator, args.num_processes, args.process_id)
+        options = RunOptions(**given(RunOptions))
+        ProcessOptions(**given(ProcessOptions)).start()
     except (ConfigError, ValueError, TypeError) as e:
-        raise UsageError(_flag_message(e, {**flags, **CLI_ONLY_FLAGS})) from None
-    import jax
-
-    # Set only once the command line is known to be good: it is process-wide JAX state.
-    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(args.compilation_cache))
+        raise UsageError(_flag_message(e, flags)) from None
     asked = set(config.flat()) if args.recipe else set(explicit)
     try:
         train_and_evaluate(config, args.workdir, options, asked=asked)

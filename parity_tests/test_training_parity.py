@@ -4,12 +4,13 @@ Both sides start from the same weights (a ``torch_ref`` model loaded into the Fl
 ``load_torch_state_dict``) and see the very same batches: the crops and flips are drawn by the
 Flax step's own ``augment_params(fold_in(PRNGKey(seed), step))`` and replayed in torch by
 ``torch_ref.training.augment``. The Flax side is the product's jitted
-``flax_resnet.training.make_train_step`` with ``make_optimizer`` / ``make_schedule``; the torch
-side is ``torch_ref.training`` (``torch.optim``, ``torch.optim.lr_scheduler`` objects,
-``nn.CrossEntropyLoss``). Compared: the loss, every parameter, every norm running statistic
-and every optimizer moment (optax's adam ``mu``/``nu`` and sgd ``trace`` against torch's
-``exp_avg``/``exp_avg_sq``/``momentum_buffer``, read back through ``flax_resnet.convert``'s
-name map and layout transposes), after each of ``STEPS`` = 50 updates, in two modes:
+``flax_resnet.training.make_train_step`` with ``flax_resnet.optim``'s ``make_optimizer`` and
+``make_schedule``; the torch side is ``torch_ref.training`` (``torch.optim``,
+``torch.optim.lr_scheduler`` objects, ``nn.CrossEntropyLoss``). Compared: the loss, every
+parameter, every norm running statistic and every optimizer moment (optax's adam ``mu``/``nu``
+and sgd ``trace`` against torch's ``exp_avg``/``exp_avg_sq``/``momentum_buffer``, read back
+through ``flax_resnet.convert``'s name map and layout transposes), after each of ``STEPS`` = 50
+updates, in two modes:
 
 * **free**: each framework trains on its own for 50 steps, as users run it (the product's
   state threading: step counter, optimizer counts, schedule by update count, augmentation
@@ -87,6 +88,7 @@ from flax import nnx
 import torch_ref
 from flax_resnet import data as data_lib
 from flax_resnet import norms
+from flax_resnet import optim as foptim
 from flax_resnet import training as ftrain
 from flax_resnet.config import TrainConfig, make_config
 from flax_resnet.convert import (  # the layout transposes, for FlaxSide's index
@@ -97,8 +99,7 @@ from flax_resnet.convert import (  # the layout transposes, for FlaxSide's index
     to_numpy_state_dict,
     torch_key,
 )
-from flax_resnet.models import ARCHS
-from flax_resnet.optim import decay_mask, make_optimizer, make_schedule
+from flax_resnet.optim import decay_mask, make_schedule
 from flax_resnet.sharding import make_mesh, put_batch, replicated
 from torch_ref import training as ttrain
 
@@ -333,7 +334,7 @@ class FlaxSide:
         self.case = case
         self.cfg = case.cfg(dtype)
         template = flax_model_from(tmodel, self.cfg)
-        self.tx = make_optimizer(self.cfg, case.steps_per_epoch)
+        self.tx = foptim.make_optimizer(self.cfg, case.steps_per_epoch)
         self.defs, self.state = ftrain.init_train_state(template, self.tx, self.cfg.seed)
         self.mesh = make_mesh(jax.devices()[:1])
         self.train_step = ftrain.make_train_step(
@@ -907,7 +908,7 @@ def _sgd_decay_after_momentum(monkeypatch):
             optax.scale_by_learning_rate(make_schedule(cfg, steps_per_epoch)),
         )
 
-    monkeypatch.setattr(ftrain, "make_optimizer", slipped)
+    monkeypatch.setattr(foptim, "make_optimizer", slipped)
 
 
 def _label_smoothing_over_k_minus_1(monkeypatch):
@@ -992,8 +993,8 @@ def test_planted_slips_fail_the_float64_check(slip, monkeypatch):
 def test_cases_cover_the_issue():
     """Guard against a refactor silently dropping a feature the cases are meant to cover."""
     cfgs = [c.cfg() for c in CASES]
-    assert {c.norm for c in cfgs} >= {"bn", "gn", "rms"}
-    assert {ARCHS[c.depth].block for c in cfgs} == {"basic", "bottleneck"}
+    assert {c.model.norm for c in cfgs} >= {"bn", "gn", "rms"}
+    assert {c.model.block for c in cfgs} == {"basic", "bottleneck"}
     assert any(c.optimizer == "sgd" and c.nesterov and c.weight_decay > 0 for c in cfgs)
     assert any(c.optimizer == "adamw" and c.weight_decay == 1e-2 for c in cfgs)
     assert any(c.label_smoothing > 0 for c in cfgs)
