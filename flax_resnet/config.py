@@ -148,12 +148,13 @@ class ModelConfig:
     norm: str = option("bn", f"one of {', '.join(NORMS)} (or an alias: batch, layer, group, "
                         "instance, rmsnorm...)")
     stem: str | None = option(None, "imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv",
-                               choices=STEMS)
+                              choices=STEMS, none="the depth's")
     num_classes: int = option(10, "classifier outputs (a training run takes its data "
                                "set's)", flag=None)
     width: float = option(1.0, "multiplies every stage's channels")
     shortcut: str | None = option(None, "B: 1x1 conv projection, A: zero-padded identity",
-                                   choices=SHORTCUTS + tuple(s.lower() for s in SHORTCUTS))
+                                   choices=SHORTCUTS + tuple(s.lower() for s in SHORTCUTS),
+                                   none="the depth's")
     init: str = option("torch", "weight init scheme", choices=INIT_SCHEMES)
     norm_groups: int = option(32, "groups of norm gn")
     zero_init_residual: bool = option(False, "zero each block's last norm scale")
@@ -274,6 +275,11 @@ class TrainConfig:
         "jit", "jit: global (SyncBN) statistics over the sharded batch; pmap: per-device "
         "BatchNorm statistics and an explicit gradient mean like PyTorch DDP (running stats "
         "from device 0)", choices=PARALLEL_MODES, group="parallelism")
+    init_from: str | None = option(
+        None, "start from pretrained weights (torch_ref/torchvision .pt/.pth/.safetensors, a "
+        "saved model or a run directory; the classifier is replaced if the class count "
+        "differs); recorded with the run and used until its first checkpoint exists",
+        group="model", metavar="PATH")
     eval_flip: bool = option(False, "also report test accuracy with flip test-time "
                               "augmentation (mean logits of image and mirror) as test_acc_flip",
                               group="data")

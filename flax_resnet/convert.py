@@ -383,6 +383,8 @@ def _write_atomic(path: str, write: Any) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as err:  # noqa: BLE001 - OSError, or safetensors' and torch's own kinds
+        raise ConversionError(f"cannot write {path}: {type(err).__name__}: {err}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

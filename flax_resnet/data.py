@@ -279,6 +279,14 @@ def _list_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]
             raise DataError(
                 f"image folder {str(root / split)!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files"
             )
+        empty = [c for c in classes if not any(label == index[c] for _, label in entries)]
+        if empty:  # a class without images would still get a classifier output
+            raise DataError(
+                f"image folder {str(root / split)!r} has no {'/'.join(IMAGE_EXTENSIONS)} "
+                f"images of class{'es' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} "
+                "(every train class needs images in train/ and test/); add them or remove "
+                "the class folder"
+            )
         files[split] = entries
     return classes, files, digest.hexdigest()[:32]
 
@@ -286,8 +294,14 @@ def _list_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]
 def _decode(path: Path) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "not an image"
+        raise DataError(
+            f"image {str(path)!r} cannot be decoded ({type(e).__name__}: {e}); replace or "
+            "remove it"
+        ) from None
 
 
 def _decode_split(entries: list[tuple[Path, int]]) -> Split:

@@ -25,7 +25,10 @@ from flax_resnet.config import RECIPES, ConfigError, ModelConfig, TrainConfig, m
 from flax_resnet.distributed import ProcessOptions
 from flax_resnet.trainer import RunOptions
 
-EXIT_USAGE = 2
+PROG = "train.py"
+EXIT_USAGE = 2  # a bad flag, data set or workdir: nothing was trained
+EXIT_DIVERGED = 3  # the loss went non-finite: the last finite checkpoint is kept
+# SIGTERM / SIGINT: 128 + the signal (143 / 130), after a checkpoint
 GROUPS = {"data": "recipe and data", "model": "model", "optimization": "optimization",
           "parallelism": "parallelism", "run": "run"}
 
@@ -53,7 +56,7 @@ def _fields(cls: type, group: str) -> Iterator[tuple[dataclasses.Field, str, str
 
 def _recipe_defaults(field: dataclasses.Field) -> str:
     def text(value: Any) -> str:
-        return ("the depth's" if value is None
+        return (field.metadata.get("none", "none") if value is None
                 else ",".join(map(str, value)) if isinstance(value, tuple) else str(value))
 
     values = {name: text(preset.get(field.name, field.default)) for name, preset in RECIPES.items()}
@@ -87,9 +90,11 @@ def _add(group: argparse._ArgumentGroup, f: dataclasses.Field, flag: str, defaul
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py", description=__doc__.split("\n\n")[0],
+        prog=PROG, description=__doc__.split("\n\n")[0],
         epilog="Model and optimization flags override the --recipe preset; unset ones take "
-        "the preset's value (shown per recipe).",
+        "the preset's value (shown per recipe). Exit status: 0 done; 2 bad input (flag, data, "
+        "workdir); 3 diverged (the last finite checkpoint is kept); 130 / 143 stopped by "
+        "SIGINT / SIGTERM after writing a checkpoint (rerun to resume).",
         formatter_class=_HelpFormatter)
     groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
     groups["data"].add_argument(
@@ -120,11 +125,11 @@ def _flag_message(e: ConfigError | Exception, flags: dict[str, str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Wire the flags to ``flax_resnet.trainer.train_and_evaluate``."""
-    from flax_resnet.trainer import RunError, train_and_evaluate
+    from flax_resnet.trainer import DivergedError, Interrupted, RunError, train_and_evaluate
 
     flags = {f.name: flag for cls in (TrainConfig, RunOptions, ProcessOptions)
              for f, flag, _ in _fields(cls, "")}
-    flags["recipe"] = "--recipe"
+    flags.update(recipe="--recipe", workdir="--workdir")
 
     def given(cls: type) -> dict[str, Any]:
         return {f.name: getattr(args, f.name) for f, _, _ in _fields(cls, "")}
@@ -136,9 +141,16 @@ def run(args: argparse.Namespace) -> int:
         ProcessOptions(**given(ProcessOptions)).start()
     except (ConfigError, ValueError, TypeError) as e:
         raise UsageError(_flag_message(e, flags)) from None
-    asked = set(config.flat()) if args.recipe else set(explicit)
+    # A recipe fixes every field it could set; init_from only when given.
+    asked = (set(config.flat()) - {"init_from"} if args.recipe else set()) | set(explicit)
     try:
         train_and_evaluate(config, args.workdir, options, asked=asked)
+    except DivergedError as e:
+        print(f"{PROG}: {_flag_message(e, flags)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Interrupted as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (RunError, ConfigError) as e:
         raise UsageError(_flag_message(e, flags)) from None
     return 0
@@ -152,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # before the run's own handlers are in place
+        print(f"{parser.prog}: interrupted before training started", file=sys.stderr)
         return 130
 
 

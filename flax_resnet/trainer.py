@@ -4,8 +4,11 @@ It owns the run directory and its policy: resuming (the stored ``config.json`` w
 ``RESUMABLE_FIELDS`` may change), the Orbax checkpoints (``checkpoints/<step>/``: every
 ``checkpoint_every_epochs`` epochs and ``checkpoint_every_steps`` steps, the last
 ``keep_checkpoints`` kept), ``metrics.jsonl`` (one row per epoch), ``curves.png``,
-``summary.json`` and ``eval.json``. ``train.py`` only parses flags into a ``TrainConfig`` and
-``RunOptions`` and calls it; Python users call it directly::
+``summary.json`` and ``eval.json``, and what keeps the work: one run per workdir (a lock),
+checkpoints that are verified and fall back to the newest good one, no non-finite state
+ever saved (a diverged run stops, ``DivergedError``), and SIGTERM / SIGINT ending the run
+with a checkpoint (``Interrupted``). ``train.py`` only parses flags into a ``TrainConfig``
+and ``RunOptions`` and calls it; Python users call it directly::
 
     from flax_resnet import trainer
     from flax_resnet.config import make_config
@@ -17,13 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from flax_resnet.config import DATA_MODEL_FIELDS, ConfigError, TrainConfig, option
+from flax_resnet.safety import dumps, write_text_atomic
 
 # Fields a resumed run may change (anything else that differs from the stored config.json
 # is a conflict): extending training, switching the data-parallel mode or flip TTA.
@@ -39,6 +45,20 @@ class RunError(ValueError):
         self.field = field
 
 
+class DivergedError(RunError):
+    """The loss or the parameters went non-finite; nothing after the last finite checkpoint
+    was saved."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after a checkpoint; rerunning resumes it."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; "
+                         "rerun the same command to resume")
+        self.signum, self.step = signum, step
+
+
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """How a run is carried out; unlike the ``TrainConfig`` it does not change the result."""
@@ -47,10 +67,6 @@ class RunOptions:
                                   group="data")
     eval_batch_size: int | None = option(None, "test batch size (padded and masked); default "
                                          "the batch size")
-    init_from: str | None = option(
-        None, "start a new run from pretrained weights (torch_ref/torchvision .pt/.pth/"
-        ".safetensors, a saved model or a run directory); the classifier is replaced if the "
-        "class count differs", group="model", metavar="PATH")
     eval_only: bool = option(False, "evaluate the latest checkpoint of the workdir and stop")
     log_every: int = option(50, "steps between progress updates (the only host syncs in an "
                             "epoch)")
@@ -111,16 +127,16 @@ def resolve_config(
 
 
 def _read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} cannot be read ({type(e).__name__}: {e}); repair or remove it, "
+                       "or use another workdir") from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -137,9 +153,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(dumps(r) + "\n" for r in rows))
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
@@ -172,16 +186,16 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 class EpochProgress:
-    """Per-step hook of the training loop: progress bar, interval checkpoints, early stop.
+    """Per-step hook of the training loop: progress bar, interval checkpoints, the
+    divergence check, stop signals and early stop.
 
     It syncs with the device only every ``log_every`` steps (and at checkpoints).
     """
 
-    def __init__(self, cfg: Any, steps_per_epoch: int, options: RunOptions, ckpt: Any,
-                 lead: bool, elapsed: float):
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, options: RunOptions, ckpt: Any,
+                 lead: bool, elapsed: float, signals: Any, history: list[dict[str, Any]]):
         self.cfg, self.spe, self.options, self.ckpt = cfg, steps_per_epoch, options, ckpt
-        self.lead = lead
-        self.elapsed = elapsed
+        self.lead, self.elapsed, self.signals, self.history = lead, elapsed, signals, history
         self.bar = None
 
     def start(self, epoch: int, first: int) -> None:
@@ -197,37 +211,90 @@ class EpochProgress:
 
     def save(self, state: Any, step: int, epoch: int, in_epoch: int,
              partial: dict[str, Any] | None, elapsed: float) -> None:
-        """Checkpoint ``state`` with the data position: resume at batch ``in_epoch`` of
-        ``epoch`` with the partial-epoch metric sums ``partial``."""
-        self.ckpt.save(step, state, {
-            "epoch": epoch, "step_in_epoch": in_epoch, "global_step": step,
-            "steps_per_epoch": self.spe, "partial_metrics": partial,
-            "elapsed_s": elapsed, "config": self.cfg.to_dict(),
-        })
+        """Checkpoint ``state`` with the data position (resume at batch ``in_epoch`` of
+        ``epoch`` with the partial-epoch metric sums ``partial``) and the metrics history."""
+        from flax_resnet.checkpoint import NonFiniteStateError
+
+        try:
+            self.ckpt.save(step, state, {
+                "epoch": epoch, "step_in_epoch": in_epoch, "global_step": step,
+                "steps_per_epoch": self.spe, "partial_metrics": partial,
+                "elapsed_s": elapsed, "config": self.cfg.to_dict(), "history": self.history,
+            })
+        except NonFiniteStateError as e:
+            raise self.diverged(step, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - a full disk, a vanished directory, ...
+            raise RunError(
+                f"could not write the checkpoint of step {step} in {self.ckpt.directory} "
+                f"({type(e).__name__}: {e}); the checkpoints before it are kept: fix that and "
+                "rerun the same command to resume"
+            ) from None
+
+    def diverged(self, step: int, what: str) -> DivergedError:
+        good = self.ckpt.all_steps()
+        last = (f"the last good checkpoint, step {max(good)}, is kept" if good
+                else "no checkpoint was written")
+        return DivergedError(
+            f"training diverged at step {step} (epoch {self.epoch + 1}): {what}; {last}. "
+            "Lower the learning rate (lr) or change the recipe, in another workdir or after "
+            "removing this one"
+        )
+
+    def partial(self, metrics: dict) -> dict[str, Any]:
+        import jax
+
+        host = jax.device_get(metrics)
+        return {"loss_sum": float(host["loss_sum"]), "correct": int(host["correct"]),
+                "count": int(host["count"])}
+
+    def stop_requested(self, done: int) -> bool:
+        """Whether a stop signal arrived; several processes decide together, at log points."""
+        import jax
+
+        if jax.process_count() == 1:
+            return self.signals.requested is not None
+        if done % self.options.log_every and done != self.spe:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(int(self.signals.requested is not None))
+        return bool(max(flags))
+
+    def interrupt(self, state: Any, step: int, done: int, metrics: dict | None) -> Interrupted:
+        """Checkpoint at ``step`` (batch ``done`` of this epoch) and the exception to raise."""
+        elapsed = self.elapsed + time.perf_counter() - self.t_epoch
+        if step not in self.ckpt.all_steps():
+            epoch, in_epoch = (self.epoch + 1, 0) if done == self.spe else (self.epoch, done)
+            self.save(state, step, epoch, in_epoch,
+                      self.partial(metrics) if metrics is not None else None, elapsed)
+        if self.bar is not None:
+            self.bar.close()
+        return Interrupted(self.signals.requested or signal.SIGTERM, step)
 
     def after_step(self, done: int, state: Any, metrics: dict) -> bool:
         from flax_resnet import training as T
 
         options = self.options
         step = self.epoch * self.spe + done
-        if self.lead and options.progress and (done % options.log_every == 0
-                                                   or done == self.spe):
+        if done % options.log_every == 0 or done == self.spe:
             m = T.summarize(metrics)  # the one host sync of a logging interval
-            now = time.perf_counter()
-            ips = (done - self.mark[1]) * self.cfg.batch_size / max(now - self.mark[0], 1e-9)
-            self.bar.update(done - self.bar.n)
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{100 * m['acc']:.2f}%",
-                                 img_s=f"{ips:,.0f}", refresh=False)
-            self.mark = (now, done)
+            if not math.isfinite(m["loss"]):
+                raise self.diverged(step, f"the mean training loss of the epoch so far is "
+                                          f"{m['loss']}")
+            if self.lead and options.progress:
+                now = time.perf_counter()
+                ips = (done - self.mark[1]) * self.cfg.batch_size / max(now - self.mark[0],
+                                                                        1e-9)
+                self.bar.update(done - self.bar.n)
+                self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{100 * m['acc']:.2f}%",
+                                     img_s=f"{ips:,.0f}", refresh=False)
+                self.mark = (now, done)
+        if done != self.spe and self.stop_requested(done):  # epoch ends stop after eval
+            raise self.interrupt(state, step, done, metrics)
         every = options.checkpoint_every_steps
         if every and step % every == 0 and done != self.spe:  # epoch ends save after eval
-            import jax
-
-            host = jax.device_get(metrics)
-            partial = {"loss_sum": float(host["loss_sum"]), "correct": int(host["correct"]),
-                       "count": int(host["count"])}
             elapsed = self.elapsed + time.perf_counter() - self.t_epoch
-            self.save(state, step, self.epoch, done, partial, elapsed)
+            self.save(state, step, self.epoch, done, self.partial(metrics), elapsed)
         return bool(options.stop_after_steps and step >= options.stop_after_steps)
 
     def finish(self, train: dict[str, float], test: dict[str, float]) -> None:
@@ -240,6 +307,22 @@ def _flip_note(result: dict[str, float]) -> str:
     return f" (flip TTA {100 * result['acc_flip']:.2f}%)" if "acc_flip" in result else ""
 
 
+def _prepare_workdir(workdir: Path, eval_only: bool) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        raise RunError(f"workdir {workdir} is a file, not a directory; use another workdir",
+                       "workdir")
+    if eval_only and not workdir.is_dir():
+        raise RunError(f"eval_only: no run in workdir {workdir}", "eval_only")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"workdir {workdir} cannot be written ({e.strerror or e}); use another "
+                       "workdir", "workdir") from None
+
+
 def train_and_evaluate(
     config: TrainConfig,
     workdir: str | os.PathLike,
@@ -250,26 +333,51 @@ def train_and_evaluate(
     """Train ``config`` in ``workdir``, or resume the run there, and evaluate it; returns
     the summary (``summary.json``), or the evaluation with ``options.eval_only``. ``asked``:
     the fields of ``config`` the caller chose (see ``resolve_config``). The model's
-    ``num_classes`` and ``in_channels`` are the data set's. Raises ``RunError`` for a run
-    that cannot go ahead as asked.
+    ``num_classes`` and ``in_channels`` are the data set's.
+
+    Raises ``RunError`` for a run that cannot go ahead as asked (``DivergedError`` when the
+    training diverges), and ``Interrupted`` after SIGTERM / SIGINT, once the checkpoint of
+    the step it stopped at is written.
     """
     import jax
 
+    from flax_resnet.safety import StopSignals, WorkdirBusyError, WorkdirLock
+
+    options = options or RunOptions()
+    workdir = Path(workdir)
+    lead = jax.process_index() == 0
+    _prepare_workdir(workdir, options.eval_only)
+    lock = WorkdirLock(workdir)
+    try:
+        if lead:
+            lock.__enter__()
+    except WorkdirBusyError as e:
+        raise RunError(str(e), "workdir") from None
+    try:
+        if lock.took_over and lead:
+            print(f"taking over the workdir lock of a run that ended without releasing it "
+                  f"({lock.took_over})", flush=True)
+        with StopSignals() as signals:
+            return _run(config, workdir, options, asked, signals, lead)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run(cfg: TrainConfig, workdir: Path, options: RunOptions, asked: set[str] | None,
+         signals: Any, lead: bool) -> dict[str, Any]:
+    import jax
+
     from flax_resnet import training as T
-    from flax_resnet.checkpoint import Checkpointer
+    from flax_resnet.checkpoint import Checkpointer, DamagedCheckpointError
     from flax_resnet.data import DataError, load_dataset
     from flax_resnet.optim import make_optimizer, make_schedule
     from flax_resnet.sharding import check_batch_size, make_mesh, replicate
 
-    options = options or RunOptions()
-    workdir = Path(workdir)
     config_path = workdir / "config.json"
     stored = _read_json(config_path) if config_path.exists() else None
-    cfg, notes = resolve_config(config, stored, asked, workdir)
+    cfg, notes = resolve_config(cfg, stored, asked, workdir)
     if options.eval_only and stored is None:
         raise RunError(f"eval_only: no run in workdir {workdir} (no config.json)", "eval_only")
-
-    lead = jax.process_index() == 0
 
     def say(*msg: Any) -> None:
         if lead:
@@ -297,15 +405,16 @@ def train_and_evaluate(
             "batch_size",
         )
 
+    ckpt = Checkpointer(workdir / "checkpoints", keep=options.keep_checkpoints)
     model = T.create_model(cfg)
-    if options.init_from and stored is None:
+    if cfg.init_from and not ckpt.all_steps():  # until the run's first checkpoint exists
         from flax_resnet.convert import load_pretrained
 
         try:
-            load_pretrained(model, options.init_from, num_classes=ds.num_classes)
+            load_pretrained(model, cfg.init_from, num_classes=ds.num_classes)
         except (OSError, ValueError, KeyError) as e:
-            raise RunError(f"init_from {options.init_from}: {e}", "init_from") from None
-        say(f"initialised from {options.init_from}")
+            raise RunError(f"init_from {cfg.init_from}: {e}", "init_from") from None
+        say(f"initialised from {cfg.init_from}")
     tx = make_optimizer(cfg, spe)
     defs, state = T.init_train_state(model, tx, cfg.seed)
     del model
@@ -324,13 +433,16 @@ def train_and_evaluate(
         f"{spe} steps/epoch")
 
     if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
         _write_json(config_path, cfg.to_dict())
-    ckpt = Checkpointer(workdir / "checkpoints", keep=options.keep_checkpoints)
     meta: dict[str, Any] = {}
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(state, latest)
+    try:
+        good = ckpt.restore_good(state, report=say, set_aside=lead and not options.eval_only)
+    except DamagedCheckpointError as e:
+        raise RunError(f"every checkpoint in {ckpt.directory} is damaged (the oldest: {e}); "
+                       "move the directory away to start over") from None
+    latest = None
+    if good is not None:
+        latest, state, meta = good
         if meta.get("steps_per_epoch") != spe:
             raise RunError(
                 f"the checkpoint in {workdir} was taken at {meta.get('steps_per_epoch')} "
@@ -363,6 +475,11 @@ def train_and_evaluate(
     elapsed = float(meta.get("elapsed_s", 0.0))
     metrics_path = workdir / "metrics.jsonl"
     rows = [r for r in _read_metrics(metrics_path) if r.get("epoch", 0) <= start_epoch]
+    saved_rows = [r for r in meta.get("history", []) if r.get("epoch", 0) <= start_epoch]
+    if len(rows) < len(saved_rows):
+        say(f"{metrics_path} holds {len(rows)} of the {len(saved_rows)} epochs the checkpoint "
+            "recorded; restoring them from the checkpoint")
+        rows = saved_rows
     if lead:
         _write_metrics(metrics_path, rows)  # drop epochs logged after the checkpoint
 
@@ -375,18 +492,22 @@ def train_and_evaluate(
             train_step, eval_step, state, ds.image_shape, cfg.batch_size, eval_batch, mesh)
         compile_s = time.perf_counter() - t_compile
         say(f"compiled the train and eval steps in {compile_s:.1f} s")
-    progress = EpochProgress(cfg, spe, options, ckpt, lead, elapsed + compile_s)
+    progress = EpochProgress(cfg, spe, options, ckpt, lead, elapsed + compile_s, signals, rows)
     stopped = False
+    step = int(latest or 0)
     for epoch in range(start_epoch, cfg.epochs):
         first = start_in_epoch if epoch == start_epoch else 0
         partial = meta.get("partial_metrics") if epoch == start_epoch and first else None
         metrics = T.replicate_metrics(partial, mesh)
         lr = float(schedule((epoch + 1) * spe - 1))  # the lr of the epoch's last update
         progress.start(epoch, first)
+        if progress.stop_requested(0):
+            raise progress.interrupt(state, step, first, None if not first else metrics)
         state, metrics, stopped = T.train_epoch(
             train_step, state, metrics, ds.train, seed=cfg.seed, epoch=epoch,
             batch_size=cfg.batch_size, mesh=mesh, start=first, callback=progress.after_step,
         )
+        step = (epoch + 1) * spe
         if stopped:
             progress.bar.close()
             say(f"stopped after step {int(jax.device_get(state.step))} (stop_after_steps); "
@@ -395,12 +516,15 @@ def train_and_evaluate(
         train = T.summarize(metrics)
         train_time = time.perf_counter() - progress.t_epoch
         test = T.evaluate(eval_step, state, ds.test, eval_batch, mesh)
+        if not (math.isfinite(train["loss"]) and math.isfinite(test["loss"])):
+            raise progress.diverged(step, f"the epoch's training loss is {train['loss']} and "
+                                          f"its test loss {test['loss']}")
         epoch_time = time.perf_counter() - progress.t_epoch
         progress.elapsed += epoch_time
         epoch_time += compile_s
         progress.finish(train, test)
         row = {
-            "epoch": epoch + 1, "step": (epoch + 1) * spe,
+            "epoch": epoch + 1, "step": step,
             "train_loss": train["loss"], "train_acc": train["acc"],
             "test_loss": test["loss"], "test_acc": test["acc"],
             **({"test_acc_flip": test["acc_flip"]} if cfg.eval_flip else {}), "lr": lr,
@@ -416,11 +540,17 @@ def train_and_evaluate(
             f"({row['train_images_per_s']:,.0f} img/s)")
         rows.append(row)
         if lead:
-            _write_metrics(metrics_path, rows)
-            plot_curves(rows, workdir / "curves.png")
+            try:
+                _write_metrics(metrics_path, rows)
+                plot_curves(rows, workdir / "curves.png")
+            except OSError as e:
+                raise RunError(f"could not write {metrics_path} ({e}); the checkpoints are "
+                               "kept: fix that and rerun the same command to resume") from None
         every = options.checkpoint_every_epochs
         if epoch + 1 == cfg.epochs or (every and (epoch + 1) % every == 0):
-            progress.save(state, (epoch + 1) * spe, epoch + 1, 0, None, progress.elapsed)
+            progress.save(state, step, epoch + 1, 0, None, progress.elapsed)
+        if epoch + 1 < cfg.epochs and progress.stop_requested(spe):
+            raise progress.interrupt(state, step, spe, None)
     ckpt.close()
     if stopped or not rows:
         return {"stopped_at_step": int(jax.device_get(state.step))} if stopped else {}
@@ -446,5 +576,3 @@ def train_and_evaluate(
            f"{100 * flip['best_test_acc_flip']:.2f}%)" if flip else "")
         + f"; wrote {workdir}/summary.json")
     return summary
-
-
