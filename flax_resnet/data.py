@@ -4,7 +4,9 @@
 
 * ``cifar10`` / ``cifar100``: tensorflow-datasets, prepared once into ``data_dir`` in the
   ``array_record`` format and read back through ``tfds.data_source`` (no TensorFlow needed
-  to read). Preparing (the first download) needs TensorFlow; see ``TFDS_HOWTO``.
+  to read). Preparing (the first download) needs TensorFlow (the ``train`` extra brings
+  it); offline, from the official archive in ``DATA_DIR/downloads/manual``; see
+  ``TFDS_HOWTO``.
 * ``folder:PATH``: an image-folder tree ``PATH/{train,test}/CLASS/*.{png,jpg,jpeg}``
   (classes sorted by name, files by name). The decoded arrays are cached in a ``.npz`` next
   to the folder (or in ``data_dir`` when that is not writable), keyed by every file's path,
@@ -49,9 +51,8 @@ DATASET_SPECS = ("cifar10", "cifar100", "folder:PATH", "synthetic[:N_TRAIN[:N_TE
 TFDS_HOWTO = """\
 {name} is not prepared in {data_dir} and cannot be prepared here ({reason}).
 
-Preparing it once needs TensorFlow (reading it back afterwards does not):
-    pip install tensorflow tensorflow-datasets importlib_resources array_record
-and then either
+Preparing it once needs TensorFlow, which `pip install 'flax_resnet[train]'` brings (reading
+it back afterwards does not), and then either
   * internet access: rerun the same command, tfds downloads and prepares it into
     {data_dir}, or
   * offline: place the official archive {archive} (from {url}) in
@@ -59,6 +60,21 @@ and then either
     and rerun; tfds checks its checksum and prepares from it.
 Or train from an image folder instead: --dataset folder:PATH with PATH/{{train,test}}/CLASS/*.png
 (e.g. mkdir -p data && tar xzf cifar10-jpeg.tar.gz -C data; --dataset folder:data/cifar10-jpeg)."""
+
+
+def _unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why ``url``'s host cannot be reached, or None: tfds would otherwise retry the
+    download for minutes before giving up."""
+    import socket
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{parts.hostname} cannot be reached: {e}"
+    return None
+
 
 _TFDS_ARCHIVES = {
     "cifar10": ("cifar-10-binary.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"),
@@ -199,8 +215,11 @@ def _load_tfds(name: str, data_dir: Path) -> Dataset:
     except Exception:  # noqa: BLE001 - not prepared (or unreadable): try to prepare it
         if importlib.util.find_spec("tensorflow") is None:
             raise howto("preparing needs tensorflow, which is not installed") from None
+        if not (manual_dir / archive).is_file() and (why := _unreachable(url)):
+            raise howto(f"no {archive} in {manual_dir}, and {why}") from None
         try:
-            download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+            download_config = tfds.download.DownloadConfig(
+                manual_dir=os.fspath(manual_dir), try_download_gcs=False)
             sources = tfds.data_source(
                 name,
                 download=True,

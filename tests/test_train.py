@@ -37,11 +37,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
-def jax_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax-cache")
-
-
 def _env(jax_cache: Path, devices: int = 1, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(
@@ -548,10 +543,20 @@ def test_missing_data_subprocess_has_no_traceback(jax_cache, tmp_path):
                 str(tmp_path / "w")], jax_cache, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert str(tmp_path / "missing") in r.stderr and "tar xzf" in r.stderr
-    r = _train(["--dataset", "cifar10", "--data-dir", str(tmp_path / "tfds"), "--workdir",
-                str(tmp_path / "w")], jax_cache, check=False)
+    code = textwrap.dedent(f"""
+        import socket, sys
+        def refuse(*args, **kwargs):  # offline, whatever the machine
+            raise OSError("no network in this test")
+        socket.create_connection = refuse
+        from flax_resnet.train_cli import main
+        sys.exit(main(["--dataset", "cifar10", "--data-dir", {str(tmp_path / "tfds")!r},
+                       "--workdir", {str(tmp_path / "w")!r}]))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(jax_cache),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "cifar10" in r.stderr and "pip install" in r.stderr
+    assert "cifar10 is not prepared" in r.stderr and "cannot be reached" in r.stderr
+    assert "pip install 'flax_resnet[train]'" in r.stderr
 
 
 def test_image_folder_cli_bfloat16_init_from(jax_cache, tmp_path):
