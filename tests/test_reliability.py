@@ -347,3 +347,45 @@ def test_an_unwritable_converter_destination_is_a_message(finished, tmp_path, ca
     assert convert.main([str(finished), str(dst)]) == 2
     err = capsys.readouterr().err
     assert str(dst) in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_rotation_drops_old_steps_only_after_the_new_one_reads_back(tmp_path, monkeypatch):
+    state = {"w": np.arange(6, dtype=np.float32), "step": np.int32(0)}
+    ckpt = Checkpointer(tmp_path / "c", keep=2)
+    for step in (1, 2):
+        ckpt.save(step, state, {"n": step})
+
+    def unreadable(self, like, step=None):
+        raise DamagedCheckpointError(step, "read back differs (planted)")
+
+    monkeypatch.setattr(Checkpointer, "restore", unreadable)
+    with pytest.raises(DamagedCheckpointError, match="step 3"):
+        ckpt.save(3, state, {"n": 3})
+    assert ckpt.all_steps() == [1, 2]  # the unverified step is gone, the verified ones kept
+    monkeypatch.undo()
+    ckpt.save(3, state, {"n": 3})
+    assert ckpt.all_steps() == [2, 3]
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        ckpt.save(4, {**state, "w": np.full(6, np.nan, np.float32)}, {"n": 4})
+    assert ckpt.all_steps() == [2, 3]
+    ckpt.close()
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    code = (
+        "import os, signal, time\n"
+        "from flax_resnet.safety import StopSignals\n"
+        "with StopSignals() as s:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    assert s.requested == signal.SIGTERM\n"
+        "    print('first: asked to stop', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == -signal.SIGTERM and "first: asked to stop" in r.stdout
+    assert "not reached" not in r.stdout and "exiting now, without saving" in r.stderr
