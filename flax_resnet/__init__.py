@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("config", "convert", "init", "models", "norms")
+_SUBMODULES = (
+    "config", "convert", "init", "models", "norms", "optim", "sharding", "trainer", "training",
+)
 _EXPORTS = {
-    "config": ("ModelConfig",),
+    "config": ("ModelConfig", "TrainConfig", "make_config"),
     "convert": ("load",),
     "models": ("ARCHS", "DEPTHS", "SHORTCUTS", "STEMS", "BasicBlock", "BottleNeck", "ResNet",
                "ZeroPadShortcut", "create_resnet", "from_config"),
