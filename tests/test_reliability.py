@@ -26,6 +26,14 @@ def _main(args: list[str], jax_cache: Path) -> int:
     return train_cli.main([*args, "--compilation-cache", str(jax_cache)])
 
 
+def _train_here(args: list[str], jax_cache: Path, capsys=None) -> str:
+    """train.py in this process, which must succeed; its stdout (with ``capsys``)."""
+    code = _main([*args, "--no-progress"], jax_cache)
+    captured = capsys.readouterr() if capsys is not None else None
+    assert code == 0, captured
+    return captured.out if captured is not None else ""
+
+
 def _finite_checkpoints(workdir: Path) -> list[int]:
     """Every checkpoint step; each restores, verifies and holds only finite values."""
     ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
@@ -43,7 +51,7 @@ def _finite_checkpoints(workdir: Path) -> list[int]:
 def finished(tmp_path_factory, jax_cache) -> Path:
     """TINY to the end: checkpoints of steps 8 and 16."""
     workdir = tmp_path_factory.mktemp("finished") / "run"
-    _train([*TINY, "--workdir", str(workdir)], jax_cache)
+    _train_here([*TINY, "--workdir", str(workdir)], jax_cache)
     return workdir
 
 
@@ -131,12 +139,12 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
     assert json.loads((workdir / "eval.json").read_text())["step"] == 8
 
 
-def test_resuming_past_a_flipped_byte_is_bit_exact(finished, tmp_path, jax_cache):
+def test_resuming_past_a_flipped_byte_is_bit_exact(finished, tmp_path, jax_cache, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir)
     _flip_bytes(workdir / "checkpoints" / "16")
-    r = _train([*TINY, "--workdir", str(workdir)], jax_cache)  # epoch 2 again, from step 8
-    assert "checkpoint of step 16 is damaged" in r.stdout and "resumed from step 8" in r.stdout
+    out = _train_here([*TINY, "--workdir", str(workdir)], jax_cache, capsys)  # epoch 2 again
+    assert "checkpoint of step 16 is damaged" in out and "resumed from step 8" in out
     jax.tree.map(np.testing.assert_array_equal, _final_state(workdir), _final_state(finished))
 
 
@@ -150,14 +158,14 @@ LONG_EPOCH = [*TINY, "--dataset", "synthetic:2048:64", "--epochs", "1"]
 @pytest.fixture(scope="module")
 def long_epoch(tmp_path_factory, jax_cache) -> Path:
     workdir = tmp_path_factory.mktemp("long") / "run"
-    _train([*LONG_EPOCH, "--workdir", str(workdir)], jax_cache)
+    _train_here([*LONG_EPOCH, "--workdir", str(workdir)], jax_cache)
     return workdir
 
 
 @pytest.mark.parametrize("signum,during", [(signal.SIGTERM, "steps"),
                                            (signal.SIGINT, "saves")])
 def test_a_stop_signal_checkpoints_and_the_rerun_is_bit_exact(
-        signum, during, long_epoch, tmp_path, jax_cache):
+        signum, during, long_epoch, tmp_path, jax_cache, capsys):
     # "saves": a checkpoint after every step (which does not change what is computed), so
     # that the signal most likely lands during one.
     args = list(LONG_EPOCH)
@@ -178,18 +186,19 @@ def test_a_stop_signal_checkpoints_and_the_rerun_is_bit_exact(
     assert f"interrupted by {signal.Signals(signum).name} at step {step}; rerun" in err
     assert 0 < step < 64 and "Traceback" not in err
     assert step in Checkpointer(workdir / "checkpoints", read_only=True).all_steps()
-    r = _train([*LONG_EPOCH, "--workdir", str(workdir)], jax_cache)
-    assert f"resumed from step {step}" in r.stdout
+    out = _train_here([*LONG_EPOCH, "--workdir", str(workdir)], jax_cache, capsys)
+    assert f"resumed from step {step}" in out
     jax.tree.map(np.testing.assert_array_equal, _final_state(workdir), _final_state(long_epoch))
 
 
-def test_a_lost_metrics_history_is_restored_from_the_checkpoint(finished, tmp_path, jax_cache):
+def test_a_lost_metrics_history_is_restored_from_the_checkpoint(
+        finished, tmp_path, jax_cache, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir)
     shutil.rmtree(workdir / "checkpoints" / "16")  # resume after epoch 1 ...
     (workdir / "metrics.jsonl").unlink()  # ... whose row is gone from the file
-    r = _train([*TINY, "--workdir", str(workdir)], jax_cache)
-    assert "holds 0 of the 1 epochs the checkpoint recorded" in r.stdout
+    out = _train_here([*TINY, "--workdir", str(workdir)], jax_cache, capsys)
+    assert "holds 0 of the 1 epochs the checkpoint recorded" in out
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
     assert json.loads((workdir / "summary.json").read_text())["best_test_acc"] == max(
@@ -243,12 +252,13 @@ def test_init_from_is_kept_until_the_first_checkpoint(finished, tmp_path, jax_ca
     pretrained = str(finished)  # a run directory is a model
     args = [*TINY, "--epochs", "1", "--init-from", pretrained]
     workdir = tmp_path / "run"
-    _train([*args, "--stop-after-steps", "3", "--workdir", str(workdir)], jax_cache)
+    _train_here([*args, "--stop-after-steps", "3", "--workdir", str(workdir)], jax_cache)
     assert json.loads((workdir / "config.json").read_text())["init_from"] == pretrained
-    r = _train([*TINY, "--epochs", "1", "--workdir", str(workdir)], jax_cache)  # flag omitted
-    assert f"initialised from {pretrained}" in r.stdout
+    out = _train_here([*TINY, "--epochs", "1", "--workdir", str(workdir)], jax_cache,
+                      capsys)  # the flag omitted
+    assert f"initialised from {pretrained}" in out
     reference = tmp_path / "reference"
-    _train([*args, "--workdir", str(reference)], jax_cache)
+    _train_here([*args, "--workdir", str(reference)], jax_cache)
     jax.tree.map(np.testing.assert_array_equal, _final_state(workdir), _final_state(reference))
     other = _main([*args[:-1], str(tmp_path / "other.pt"), "--workdir", str(workdir)],
                   jax_cache)
