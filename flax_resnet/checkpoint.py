@@ -194,18 +194,16 @@ class Checkpointer:
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restore ``step`` (default: the latest) into the structure and shardings of
         ``like``, verified against its checksums (``DamagedCheckpointError`` otherwise)."""
+        return self._read_verified(step, ocp.args.StandardRestore(abstract_like(like)))
+
+    def _read_verified(self, step: int | None, state_args: Any) -> tuple[Any, dict[str, Any]]:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         try:
             with _quiet_orbax():
-                restored = self._manager.restore(
-                    int(step),
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_like(like)),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
+                restored = self._manager.restore(int(step), args=ocp.args.Composite(
+                    state=state_args, meta=ocp.args.JsonRestore()))
             state, meta = restored.state, dict(restored.meta)
         except Exception as e:  # noqa: BLE001 - any failure to read means a damaged step
             first = (str(e).strip().splitlines() or [""])[0][:300]
@@ -249,19 +247,8 @@ class Checkpointer:
         """Restore ``step`` (default: the latest) as saved, without a target structure, and
         verified: the state as nested dicts of arrays (``{"params": ..., "batch_stats": ...,
         ...}``, each variable under a ``value`` key), and the metadata."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        try:
-            with _quiet_orbax():
-                restored = self._manager.restore(int(step), args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-            state, meta = dict(restored.state), dict(restored.meta)
-        except Exception as e:  # noqa: BLE001 - any failure to read means a damaged step
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise DamagedCheckpointError(step, f"{type(e).__name__}: {first}") from None
-        _verify(step, state, meta)
-        return state, meta
+        state, meta = self._read_verified(step, ocp.args.StandardRestore())
+        return dict(state), meta
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step

@@ -18,6 +18,7 @@ and ``RunOptions`` and calls it; Python users call it directly::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -345,22 +346,19 @@ def train_and_evaluate(
 
     options = options or RunOptions()
     workdir = Path(workdir)
-    lead = jax.process_index() == 0
+    lead = jax.process_index() == 0  # it alone holds the lock of a multi-host run's workdir
     _prepare_workdir(workdir, options.eval_only)
-    lock = WorkdirLock(workdir)
-    try:
+    with contextlib.ExitStack() as held:
         if lead:
-            lock.__enter__()
-    except WorkdirBusyError as e:
-        raise RunError(str(e), "workdir") from None
-    try:
-        if lock.took_over and lead:
-            print(f"taking over the workdir lock of a run that ended without releasing it "
-                  f"({lock.took_over})", flush=True)
-        with StopSignals() as signals:
-            return _run(config, workdir, options, asked, signals, lead)
-    finally:
-        lock.__exit__(None, None, None)
+            try:
+                lock = held.enter_context(WorkdirLock(workdir))
+            except WorkdirBusyError as e:
+                raise RunError(str(e), "workdir") from None
+            if lock.took_over:
+                print(f"taking over the workdir lock of a run that ended without releasing "
+                      f"it ({lock.took_over})", flush=True)
+        signals = held.enter_context(StopSignals())
+        return _run(config, workdir, options, asked, signals, lead)
 
 
 def _run(cfg: TrainConfig, workdir: Path, options: RunOptions, asked: set[str] | None,
