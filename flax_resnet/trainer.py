@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -316,9 +317,9 @@ def _prepare_workdir(workdir: Path, eval_only: bool) -> None:
         raise RunError(f"eval_only: no run in workdir {workdir}", "eval_only")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        # a name of its own: the processes of a multi-host run probe one workdir at once
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+            pass
     except OSError as e:
         raise RunError(f"workdir {workdir} cannot be written ({e.strerror or e}); use another "
                        "workdir", "workdir") from None
