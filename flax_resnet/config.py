@@ -23,8 +23,14 @@ NORM_ALIASES: dict[str, str] = {
     "rms": "rms", "rmsnorm": "rms",
 }  # fmt: skip
 NORMS: tuple[str, ...] = tuple(dict.fromkeys(NORM_ALIASES.values()))
-STEMS: tuple[str, ...] = ("imagenet", "cifar")
+# imagenet: 7x7/2 conv + 3x3/2 max-pool; cifar: one 3x3/1 conv; deep / deep_tiered: timm's
+# ResNet-C/D stem (three 3x3 convs, the first with stride 2, + the max-pool).
+STEMS: tuple[str, ...] = ("imagenet", "cifar", "deep", "deep_tiered")
+DEEP_STEMS: tuple[str, ...] = ("deep", "deep_tiered")
 SHORTCUTS: tuple[str, ...] = ("A", "B")
+# Which conv of a bottleneck carries its stride: the 3x3 (ResNet v1.5: torchvision, timm) or
+# the first 1x1 (v1, the paper's; Hugging Face's downsample_in_bottleneck=True).
+BOTTLENECK_STRIDES: tuple[str, ...] = ("3x3", "1x1")
 # Model-level init schemes; "study" is the study's init_weights() (He fan_out convs, Glorot
 # with ReLU gain for the classifier, zero biases).
 INIT_SCHEMES: tuple[str, ...] = (
@@ -110,6 +116,7 @@ ARCHS: dict[int, ArchSpec] = {
     50: ArchSpec("bottleneck", (3, 4, 6, 3), _IMAGENET_CHANNELS, "imagenet", "B"),
     101: ArchSpec("bottleneck", (3, 4, 23, 3), _IMAGENET_CHANNELS, "imagenet", "B"),
     152: ArchSpec("bottleneck", (3, 8, 36, 3), _IMAGENET_CHANNELS, "imagenet", "B"),
+    26: ArchSpec("bottleneck", (2, 2, 2, 2), _IMAGENET_CHANNELS, "imagenet", "B"),  # timm's
     **{d: _he_cifar(d) for d in (20, 32, 44, 56, 110)},
 }
 DEPTHS: tuple[int, ...] = tuple(ARCHS)
@@ -120,12 +127,27 @@ def stage_widths(depth: int, width: float) -> tuple[int, ...]:
     return tuple(max(1, round(c * width)) for c in ARCHS[depth].stage_channels)
 
 
-def layer_widths(depth: int, width: float) -> tuple[int, ...]:
-    """Every channel count a norm layer of the model sees (stem, inner and expanded)."""
-    spec = ARCHS[depth]
-    stages = stage_widths(depth, width)
-    expanded = tuple(c * 4 for c in stages) if spec.block == "bottleneck" else ()
-    return tuple(sorted(set(stages) | set(expanded)))
+def bottleneck_width(stage_channels: int, groups: int, width_per_group: int) -> int:
+    """The channels of a bottleneck's 1x1 reduce and grouped 3x3 conv (torchvision's and
+    timm's rule: ``floor(planes * width_per_group / 64) * groups``)."""
+    return (stage_channels * width_per_group // 64) * groups
+
+
+def infer_width(base: Sequence[int], channels: Sequence[int | None]) -> float:
+    """The shortest decimal ``w`` with ``max(1, round(b * w)) == c`` for each stage's base
+    and actual channels (``None``: unknown), as ``width`` scales them."""
+    pairs = [(b, c) for b, c in zip(base, channels, strict=False) if c is not None]
+    if not pairs:
+        raise ConfigError("width", "cannot infer the width: no stage channels")
+    lo = max((c - 0.5) / b for b, c in pairs)
+    hi = min((c + 0.5) / b for b, c in pairs)
+    for digits in range(1, 8):
+        for w in (round((lo + hi) / 2, digits), round(lo, digits), round(hi, digits)):
+            if w > 0 and all(max(1, round(b * w)) == c for b, c in pairs):
+                return w
+    actual, bases = [c for _, c in pairs], [b for b, _ in pairs]
+    raise ConfigError("width", f"cannot infer the width: stage channels {actual} are no "
+                               f"multiple of {bases}")
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -147,8 +169,9 @@ class ModelConfig:
     depth: int = option(34, "ResNet depth", choices=DEPTHS)
     norm: str = option("bn", f"one of {', '.join(NORMS)} (or an alias: batch, layer, group, "
                         "instance, rmsnorm...)")
-    stem: str | None = option(None, "imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv",
-                              choices=STEMS, none="the depth's")
+    stem: str | None = option(None, "imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv; deep "
+                              "(ResNet-C/D) and deep_tiered: three 3x3 convs + max-pool, as "
+                              "timm's stem_type", choices=STEMS, none="the depth's")
     num_classes: int = option(10, "classifier outputs (a training run takes its data "
                                "set's)", flag=None)
     width: float = option(1.0, "multiplies every stage's channels")
@@ -159,6 +182,20 @@ class ModelConfig:
     norm_groups: int = option(32, "groups of norm gn")
     zero_init_residual: bool = option(False, "zero each block's last norm scale")
     in_channels: int = option(3, "input image channels", flag=None)
+    groups: int = option(1, "ResNeXt cardinality: groups of each bottleneck's 3x3 conv")
+    width_per_group: int = option(64, "channels per group of each bottleneck's 3x3 conv at "
+                                  "64 stage channels (ResNeXt 32x4d: 4; Wide ResNet-50-2: 128)")
+    stem_width: int | None = option(
+        None, "channels of the stem's convs: the 7x7/3x3 conv's output (Hugging Face's "
+        "embedding_size), or the first two 3x3 convs' of a deep stem, whose third gives "
+        "twice that (timm's stem_width)", none="the first stage's channels, half for deep")
+    avg_down: bool = option(False, "ResNet-D shortcut: 2x2 average pool, then the 1x1 "
+                            "projection without stride (timm's avg_down)")
+    bottleneck_stride: str = option("3x3", "the bottleneck conv that carries the stride: 3x3 "
+                                    "(v1.5, torchvision/timm) or 1x1 (v1, Hugging Face's "
+                                    "downsample_in_bottleneck)", choices=BOTTLENECK_STRIDES)
+    downsample_in_first_stage: bool = option(
+        False, "the first stage has stride 2 too (Hugging Face's downsample_in_first_stage)")
 
     def __post_init__(self) -> None:
         check_choice("depth", self.depth, DEPTHS)
@@ -170,10 +207,35 @@ class ModelConfig:
         norm = canonical_norm(self.norm)
         init = canonical_init(self.init)
         check_positive("width", self.width)
-        for field in ("num_classes", "in_channels", "norm_groups"):
+        for field in ("num_classes", "in_channels", "norm_groups", "groups", "width_per_group"):
             check_integer(field, getattr(self, field), 1)
+        for field in ("zero_init_residual", "avg_down", "downsample_in_first_stage"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(field, f"{field} {getattr(self, field)!r} is not allowed; it "
+                                         "must be true or false")
+        check_choice("bottleneck_stride", self.bottleneck_stride, BOTTLENECK_STRIDES)
+        if self.stem_width is not None:
+            check_integer("stem_width", self.stem_width, 4 if stem == "deep_tiered" else 1)
+        for name, value in (("stem", stem), ("shortcut", shortcut), ("norm", norm),
+                            ("init", init)):
+            object.__setattr__(self, name, value)
+        if spec.block == "basic":
+            deep = ", ".join(str(d) for d, a in ARCHS.items() if a.block == "bottleneck")
+            for field, default in (("groups", 1), ("width_per_group", 64),
+                                   ("bottleneck_stride", "3x3")):
+                if getattr(self, field) != default:
+                    raise ConfigError(
+                        field, f"{field} {getattr(self, field)!r} applies to bottleneck "
+                        f"blocks only; ResNet-{self.depth} has basic blocks (bottleneck "
+                        f"depths: {deep})")
+        elif min(self.inner_widths()) < 1:
+            raise ConfigError("width_per_group", f"width_per_group {self.width_per_group} "
+                              f"leaves a bottleneck without channels at width {self.width}")
+        if self.avg_down and shortcut != "B":
+            raise ConfigError("avg_down", "avg_down is a projection shortcut: it needs "
+                                          "shortcut B")
         if norm == "gn":
-            widths = layer_widths(self.depth, self.width)
+            widths = self.norm_widths()
             bad = [c for c in widths if c % self.norm_groups]
             if bad:
                 common = math.gcd(*widths)
@@ -184,9 +246,37 @@ class ModelConfig:
                     f"a layer of this model (its layers have {', '.join(map(str, widths))}); "
                     f"choose a common divisor: {', '.join(map(str, divisors))}",
                 )
-        for name, value in (("stem", stem), ("shortcut", shortcut), ("norm", norm),
-                            ("init", init)):
-            object.__setattr__(self, name, value)
+
+    def stage_widths(self) -> tuple[int, ...]:
+        """Each stage's channel count (a bottleneck stage outputs four times that)."""
+        return stage_widths(self.depth, self.width)
+
+    def inner_widths(self) -> tuple[int, ...]:
+        """Each stage's bottleneck inner width (the stage width for basic blocks)."""
+        if self.block == "basic":
+            return self.stage_widths()
+        return tuple(bottleneck_width(c, self.groups, self.width_per_group)
+                     for c in self.stage_widths())
+
+    def stem_widths(self) -> tuple[int, ...]:
+        """The output channels of the stem's convs, the last one's feeding the first stage."""
+        first = self.stage_widths()[0]
+        if self.stem in DEEP_STEMS:
+            sw = self.stem_width or max(1, first // 2)
+            return ((3 * (sw // 4), sw, 2 * sw) if self.stem == "deep_tiered"
+                    else (sw, sw, 2 * sw))
+        return (self.stem_width or first,)
+
+    def norm_widths(self) -> tuple[int, ...]:
+        """Every channel count a norm layer of the model sees."""
+        widths = set(self.stem_widths()) | set(self.stage_widths()) | set(self.inner_widths())
+        if self.block == "bottleneck":
+            widths |= {4 * c for c in self.stage_widths()}
+        return tuple(sorted(widths))
+
+    def stage_strides(self) -> tuple[int, ...]:
+        n = len(ARCHS[self.depth].blocks_per_stage)
+        return (2 if self.downsample_in_first_stage else 1,) + (2,) * (n - 1)
 
     @property
     def block(self) -> str:
@@ -217,6 +307,46 @@ def _check_known(cls: type, d: Mapping[str, Any], what: str) -> None:
     if unknown:
         raise ConfigError(unknown[0], f"unknown {what} fields {unknown}; known: "
                                       f"{', '.join(sorted(names))}")
+
+
+
+
+def _named_models() -> dict[str, dict[str, Any]]:
+    plain = {f"resnet{d}": {"depth": d} for d in (18, 26, 34, 50, 101, 152)}
+    resnet_d = {"stem": "deep", "stem_width": 32, "avg_down": True}
+    timm_d = {f"resnet{d}d": {"depth": d, **resnet_d} for d in (18, 26, 34, 50, 101, 152)}
+    tiered = {"stem": "deep_tiered", "stem_width": 32, "avg_down": True}
+    return {
+        **plain,
+        **timm_d,
+        "resnet50c": {"depth": 50, "stem": "deep", "stem_width": 32},
+        "resnet50s": {"depth": 50, "stem": "deep", "stem_width": 64},
+        "resnet26t": {"depth": 26, **tiered},
+        "resnet50t": {"depth": 50, **tiered},
+        "resnext50_32x4d": {"depth": 50, "groups": 32, "width_per_group": 4},
+        "resnext50d_32x4d": {"depth": 50, "groups": 32, "width_per_group": 4, **resnet_d},
+        "resnext101_32x4d": {"depth": 101, "groups": 32, "width_per_group": 4},
+        "resnext101_32x8d": {"depth": 101, "groups": 32, "width_per_group": 8},
+        "resnext101_32x16d": {"depth": 101, "groups": 32, "width_per_group": 16},
+        "resnext101_64x4d": {"depth": 101, "groups": 64, "width_per_group": 4},
+        "wide_resnet50_2": {"depth": 50, "width_per_group": 128},
+        "wide_resnet101_2": {"depth": 101, "width_per_group": 128},
+    }
+
+
+# torchvision's and timm's model names (timm's pretrained tags, "resnet50.a1_in1k", name the
+# same architecture as "resnet50") -> ModelConfig fields; 1000 ImageNet classes.
+MODEL_NAMES: dict[str, dict[str, Any]] = _named_models()
+
+
+def named_model(name: str, **fields: Any) -> ModelConfig:
+    """The ``ModelConfig`` of a torchvision or timm model name (``resnet50d``,
+    ``resnext50_32x4d``, ``resnet50.a1_in1k``...), 1000 classes unless ``fields`` say
+    otherwise; ``fields`` that are not None override the name's."""
+    base = name.split(".", 1)[0]
+    check_choice("model", base, tuple(MODEL_NAMES), "model name")
+    given = {k: v for k, v in fields.items() if v is not None}
+    return ModelConfig(**{"num_classes": 1000, **MODEL_NAMES[base], **given})
 
 
 MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ModelConfig))

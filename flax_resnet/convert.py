@@ -31,7 +31,6 @@ between them::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -47,6 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_resnet import hub, namings
+from flax_resnet.config import ARCHS, bottleneck_width, infer_width, stage_widths
+from flax_resnet.namings import NAMINGS, ConversionError
+
 # ``python -m flax_resnet.convert``: the package imports this module before runpy runs it as
 # ``__main__``, and runpy warns about exactly that. The duplicate is harmless: the ``__main__``
 # copy only calls ``main`` of this, the canonical, module.
@@ -56,11 +59,11 @@ warnings.filterwarnings(
 
 log = logging.getLogger(__name__)
 
-NAMINGS: tuple[str, ...] = ("torch_ref", "torchvision")
 TORCH_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin")
 PYTORCH_SUFFIXES: tuple[str, ...] = (*TORCH_SUFFIXES, ".safetensors")
 FLAX_STATE_FILE = "state.msgpack"
 FLAX_CONFIG_FILE = "config.json"
+PREPROCESSING_FILE = "preprocessing.json"
 RUN_CONFIG_FILE = "config.json"  # a train.py run directory: config.json + checkpoints/<step>/
 RUN_CHECKPOINT_DIR = "checkpoints"
 
@@ -72,10 +75,6 @@ _LEAF_TO_TORCH = {
     "var": "running_var",
     "num_batches_tracked": "num_batches_tracked",
 }
-
-
-class ConversionError(ValueError):
-    """A state_dict does not fit the model: missing, unexpected or mis-shaped keys."""
 
 
 # --- key names ----------------------------------------------------------------------------
@@ -90,43 +89,23 @@ def torch_key(path: tuple[Any, ...]) -> str:
     return ".".join([*names, _LEAF_TO_TORCH[leaf]])
 
 
-_REF_STEM = re.compile(r"conv1\.([01])\.(.+)")
 _REF_BLOCK = re.compile(r"conv(\d+)_x\.(\d+)\.(residual_function|shortcut)\.(\d+)\.(.+)")
-_TV_STEM = re.compile(r"(conv1|bn1)\.(.+)")
-_TV_BLOCK = re.compile(r"layer(\d+)\.(\d+)\.(?:(conv|bn)(\d+)|downsample\.(\d+))\.(.+)")
 
 
 def torchvision_key(key: str) -> str:
-    """The torchvision name of a ``torch_ref`` state_dict key (see the module docstring)."""
-    if key.startswith("fc."):
-        return key
-    if m := _REF_STEM.fullmatch(key):
-        return f"{('conv1', 'bn1')[int(m[1])]}.{m[2]}"
-    if m := _REF_BLOCK.fullmatch(key):
-        stage, block, kind, index, rest = m.groups()
-        prefix = f"layer{int(stage) - 1}.{block}"
-        index = int(index)
-        if kind == "shortcut":
-            return f"{prefix}.downsample.{index}.{rest}"
-        if index % 3 != 2:  # 2 and 5 are ReLUs
-            return f"{prefix}.{('conv', 'bn')[index % 3]}{index // 3 + 1}.{rest}"
-    raise ConversionError(f"no torchvision name for torch_ref key {key!r}")
+    """The torchvision name of a ``torch_ref`` key of a torchvision-shaped model."""
+    try:
+        return namings.from_torch_ref([key], "torchvision")[key]
+    except namings.NamingError as err:
+        raise ConversionError(str(err)) from None
 
 
 def torch_ref_key(key: str) -> str:
     """The ``torch_ref`` name of a torchvision state_dict key (inverse of torchvision_key)."""
-    if key.startswith("fc."):
-        return key
-    if m := _TV_STEM.fullmatch(key):
-        return f"conv1.{int(m[1] == 'bn1')}.{m[2]}"
-    if m := _TV_BLOCK.fullmatch(key):
-        stage, block, kind, k, downsample, rest = m.groups()
-        prefix = f"conv{int(stage) + 1}_x.{block}"
-        if downsample is not None:
-            return f"{prefix}.shortcut.{downsample}.{rest}"
-        if int(k) >= 1:
-            return f"{prefix}.residual_function.{3 * (int(k) - 1) + (kind == 'bn')}.{rest}"
-    raise ConversionError(f"no torch_ref name for torchvision key {key!r}")
+    renamed, unknown = namings.to_torch_ref([key], "torchvision")
+    if unknown:
+        raise ConversionError(f"no torch_ref name for torchvision key {key!r}")
+    return renamed[key]
 
 
 def _check_naming(naming: str, allow_auto: bool = False) -> None:
@@ -135,18 +114,14 @@ def _check_naming(naming: str, allow_auto: bool = False) -> None:
         raise ConversionError(f"unknown naming {naming!r}; allowed: {', '.join(allowed)}")
 
 
-def _rename(key: str, naming: str) -> str:
-    """A ``torch_ref`` key in ``naming``."""
-    return key if naming == "torch_ref" else torchvision_key(key)
-
-
 def detect_naming(keys: Any) -> str:
-    """``torchvision`` if the keys use torchvision's names (``bn1.*``, ``layer1.*``, a bare
-    ``conv1.weight``) and none of torch_ref's; otherwise ``torch_ref``."""
-    keys = list(keys)
-    torchvision = any(re.match(r"(bn1|layer\d+)\.", k) or k == "conv1.weight" for k in keys)
-    torch_ref = any(re.match(r"conv1\.\d+\.|conv\d+_x\.", k) for k in keys)
-    return "torchvision" if torchvision and not torch_ref else "torch_ref"
+    """The naming of a state_dict (see ``flax_resnet.namings.detect_naming``)."""
+    return namings.detect_naming(keys)
+
+
+def _refuse_unsupported(keys: Any) -> None:
+    if message := namings.unsupported_keys(keys):
+        raise ConversionError(message)
 
 
 def to_torch_ref_names(state_dict: Mapping[str, Any], naming: str = "auto") -> dict[str, Any]:
@@ -155,19 +130,13 @@ def to_torch_ref_names(state_dict: Mapping[str, Any], naming: str = "auto") -> d
     Keys that have no torch_ref name raise ``ConversionError`` naming them.
     """
     _check_naming(naming, allow_auto=True)
+    _refuse_unsupported(state_dict)
     if naming == "auto":
         naming = detect_naming(state_dict)
-    if naming == "torch_ref":
-        return dict(state_dict)
-    out, unknown = {}, []
-    for key, value in state_dict.items():
-        try:
-            out[torch_ref_key(key)] = value
-        except ConversionError:
-            unknown.append(key)
+    renamed, unknown = namings.to_torch_ref(state_dict, naming)
     if unknown:
-        raise ConversionError(f"unknown torchvision keys {_key_list(unknown)}")
-    return out
+        raise ConversionError(f"unknown {naming} keys {_key_list(unknown)}")
+    return {renamed[k]: v for k, v in state_dict.items()}
 
 
 # --- layouts and variables ------------------------------------------------------------------
@@ -197,9 +166,14 @@ def model_variables(
 ) -> Iterator[tuple[str, tuple[Any, ...], nnx.Variable]]:
     """(PyTorch key in ``naming``, Flax path, variable) for every Param and BatchStat."""
     _check_naming(naming)
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, (nnx.Param, nnx.BatchStat)):
-            yield _rename(torch_key(path), naming), path, node
+    found = [(torch_key(path), path, node) for path, node in nnx.iter_graph(model)
+             if isinstance(node, (nnx.Param, nnx.BatchStat))]
+    try:
+        names = namings.from_torch_ref([k for k, _, _ in found], naming)
+    except namings.NamingError as err:
+        raise ConversionError(str(err)) from None
+    for key, path, node in found:
+        yield names[key], path, node
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -230,7 +204,15 @@ def _load(
     With ``keep_classifier``, a classifier (``fc.*``) that is absent from ``state_dict`` or
     shaped differently from the model's is skipped instead of raising.
     """
-    targets = {key: (path, var) for key, path, var in model_variables(model, naming)}
+    _check_naming(naming)
+    _refuse_unsupported(state_dict)
+    original = {k: k for k in state_dict}  # torch_ref key -> the key as the caller named it
+    foreign: list[str] = []  # keys with no torch_ref name
+    if naming != "torch_ref":
+        renamed, foreign = namings.to_torch_ref(state_dict, naming)
+        original = {ref: key for key, ref in renamed.items()}
+        state_dict = {ref: state_dict[key] for key, ref in renamed.items()}
+    targets = {key: (path, var) for key, path, var in model_variables(model)}
     kept: list[str] = []
     if keep_classifier:
         fc = [k for k in targets if k.startswith("fc.")]
@@ -245,9 +227,13 @@ def _load(
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
             targets = {k: t for k, t in targets.items() if k not in fc}
     missing = sorted(set(targets) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(targets))
+    unexpected = sorted({original[k] for k in set(state_dict) - set(targets)} | set(foreign))
     if missing or unexpected:
-        looks = detect_naming(state_dict)
+        try:
+            missing = sorted(namings.from_torch_ref(targets, naming)[k] for k in missing)
+        except namings.NamingError:
+            pass  # the model itself has no such names: say them as torch_ref's
+        looks = detect_naming(list(original.values()) + foreign)
         hint = (f"; its keys look like {looks} naming, not {naming}: pass naming={looks!r} "
                 "or naming='auto'" if looks != naming else "")
         raise ConversionError(
@@ -260,7 +246,7 @@ def _load(
         value = _to_flax_layout(path[-1], source)
         if value.shape != tuple(var.shape):
             bad.append(
-                f"{key!r}: PyTorch {tuple(source.shape)} -> Flax {value.shape}, "
+                f"{original.get(key, key)!r}: PyTorch {tuple(source.shape)} -> Flax {value.shape}, "
                 f"model expects Flax {tuple(var.shape)}"
             )
             continue
@@ -427,39 +413,51 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 
 def _infer_width(base: tuple[int, ...], channels: list[int | None]) -> float:
-    """The shortest decimal ``w`` with ``round(b * w) == c`` for every stage (as
-    ``create_resnet`` scales widths)."""
-    pairs = [(b, c) for b, c in zip(base, channels, strict=False) if c is not None]
-    if not pairs:
-        raise ConversionError("cannot infer the width: no stage convs; set width (--width)")
-    lo = max((c - 0.5) / b for b, c in pairs)
-    hi = min((c + 0.5) / b for b, c in pairs)
-    for digits in range(1, 8):
-        for w in (round((lo + hi) / 2, digits), round(lo, digits), round(hi, digits)):
-            if w > 0 and all(max(1, round(b * w)) == c for b, c in pairs):
-                return w
-    raise ConversionError(
-        f"cannot infer the width: stage channels {[c for _, c in pairs]} are no multiple of "
-        f"{[b for b, _ in pairs]}; set width (--width)"
-    )
+    try:
+        return infer_width(base, channels)
+    except ValueError as err:
+        raise ConversionError(f"{err}; set width (--width)") from None
+
+
+def _infer_width_per_group(planes: list[int], inner: list[int], groups: int) -> int:
+    """The group width that gives every stage's bottleneck inner width (64 when it fits)."""
+    for wpg in (64, *range(1, 1025)):
+        if all(bottleneck_width(p, groups, wpg) == c for p, c in zip(planes, inner, strict=True)):
+            return wpg
+    raise ConversionError(f"cannot infer width_per_group: bottleneck widths {inner} at stage "
+                          f"widths {planes} and {groups} groups; set width_per_group")
 
 
 def infer_config(
-    state_dict: Mapping[str, Any], naming: str = "auto", **overrides: Any
+    state_dict: Mapping[str, Any], naming: str = "auto", *, model: str | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """``create_resnet`` keyword arguments that fit ``state_dict``.
+    """``ModelConfig`` fields that fit ``state_dict``.
 
-    Inferred: ``depth`` (blocks per stage; BottleNeck when ``residual_function.6`` exists),
-    ``stem`` (stem kernel 7 or 3), ``shortcut`` (B when projection shortcuts exist), ``norm``
-    (``bn`` with running statistics, ``rms`` with ``.norm.weight``; the GroupNorm family —
-    ``ln``/``gn``/``in`` — looks the same and needs ``norm=``), ``num_classes``, ``width``
-    and ``in_channels``. Keyword ``overrides`` that are not None win; the result is not
-    checked against every key (loading does that).
+    ``model``: a torchvision / timm model name (``config.MODEL_NAMES``) to start from; the
+    keys still decide what they show. Inferred: ``depth`` (blocks per stage; BottleNeck
+    when ``residual_function.6`` exists), ``stem`` (stem kernel 7 or 3, three convs for a
+    deep stem, tiered when its first two differ) and ``stem_width``, ``shortcut`` (B when
+    projection shortcuts exist), ``avg_down`` (a pooled projection), ``groups`` and
+    ``width_per_group`` (the grouped 3x3's shape), ``norm`` (``bn`` with running statistics,
+    ``rms`` with ``.norm.weight``; the GroupNorm family — ``ln``/``gn``/``in`` — looks the
+    same and needs ``norm=``), ``num_classes``, ``width`` and ``in_channels``. The keys do
+    not show which conv carries a stride (``bottleneck_stride``,
+    ``downsample_in_first_stage``): those keep their defaults, torchvision's and timm's,
+    unless given. Keyword ``overrides`` that are not None win; the result is not checked
+    against every key (loading does that).
     """
-    from flax_resnet.models import ARCHS
+    from flax_resnet.config import MODEL_NAMES, named_model
     from flax_resnet.norms import canonical_norm
 
     config = {k: v for k, v in overrides.items() if v is not None}
+    if model is not None:
+        try:
+            named = named_model(model).to_dict()
+        except ValueError as err:
+            raise ConversionError(str(err)) from None
+        config = {**{k: v for k, v in named.items() if k in MODEL_NAMES[model.split(".")[0]]},
+                  **config}
     sd = to_torch_ref_names(state_dict, naming)
     if "conv1.0.weight" not in sd or len(_shape(sd["conv1.0.weight"])) != 4:
         raise ConversionError("cannot infer the architecture: no 4-D stem conv 'conv1.0.weight'")
@@ -484,13 +482,18 @@ def infer_config(
                 f"known depths: {', '.join(map(str, ARCHS))}"
             )
         config["depth"] = depths[0]
+    deep = "conv1.3.weight" in sd
     if "stem" not in config:
-        stems = {7: "imagenet", 3: "cifar"}
-        if kh not in stems:
-            raise ConversionError(
-                f"stem conv kernel {kh}x{kh} is neither 7x7 nor 3x3; set stem (--stem)"
-            )
-        config["stem"] = stems[kh]
+        if deep:
+            tiered = _shape(sd["conv1.0.weight"])[0] != _shape(sd["conv1.3.weight"])[0]
+            config["stem"] = "deep_tiered" if tiered else "deep"
+        else:
+            stems = {7: "imagenet", 3: "cifar"}
+            if kh not in stems:
+                raise ConversionError(
+                    f"stem conv kernel {kh}x{kh} is neither 7x7 nor 3x3; set stem (--stem)"
+                )
+            config["stem"] = stems[kh]
     if "norm" in config:
         config["norm"] = canonical_norm(config["norm"])
     else:
@@ -505,19 +508,42 @@ def infer_config(
                 "same weights; set norm (--norm): ln, gn or in"
             )
     config.setdefault("shortcut", "B" if any(".shortcut." in k for k in sd) else "A")
+    config.setdefault("avg_down", any(re.search(r"\.shortcut\.2\.", k) for k in sd))
     if "num_classes" not in config:
         if "fc.weight" not in sd:
             raise ConversionError(
                 "cannot infer num_classes: no 'fc.weight'; set num_classes (--num-classes)"
             )
         config["num_classes"] = _shape(sd["fc.weight"])[0]
+    bottleneck = ARCHS[config["depth"]].block == "bottleneck"
+
+    def out_channels(stage: int, index: int) -> int | None:
+        key = f"conv{stage}_x.0.residual_function.{index}.weight"
+        return _shape(sd[key])[0] if key in sd else None
+
+    # a stage's planes: its output over the expansion (the inner width may be grouped/wide)
+    planes = [c // 4 if bottleneck and c else c
+              for c in (out_channels(s, 6 if bottleneck else 0) for s in stages)]
     if "width" not in config:
-        stage_out = [
-            _shape(sd[k])[0] if (k := f"conv{s}_x.0.residual_function.0.weight") in sd else None
-            for s in stages
-        ]
-        config["width"] = _infer_width(ARCHS[config["depth"]].stage_channels, stage_out)
+        config["width"] = _infer_width(ARCHS[config["depth"]].stage_channels, planes)
+    if bottleneck and "groups" not in config and "conv2_x.0.residual_function.3.weight" in sd:
+        out, per_group = _shape(sd["conv2_x.0.residual_function.3.weight"])[:2]
+        config["groups"] = out // per_group
+    if bottleneck and "width_per_group" not in config and None not in planes:
+        inner = [out_channels(s, 3) for s in stages]
+        if None not in inner:
+            config["width_per_group"] = _infer_width_per_group(planes, inner,
+                                                               config.get("groups", 1))
+    if "stem_width" not in config:
+        first = stage_widths(config["depth"], config["width"])[0]
+        stem_width = _shape(sd["conv1.3.weight"])[0] if deep else stem_out
+        default = max(1, first // 2) if deep else first
+        config["stem_width"] = None if stem_width == default else stem_width
     config.setdefault("in_channels", in_channels)
+    for field, default in (("avg_down", False), ("stem_width", None), ("groups", 1),
+                           ("width_per_group", 64)):  # said only where they differ
+        if overrides.get(field) is None and config.get(field, default) == default:
+            config.pop(field, None)
     return config
 
 
@@ -525,9 +551,9 @@ def infer_config(
 
 
 def _create_kwargs() -> set[str]:
-    from flax_resnet.models import create_resnet
+    from flax_resnet.config import MODEL_FIELDS
 
-    return set(inspect.signature(create_resnet).parameters) - {"rngs"}
+    return {*MODEL_FIELDS, "dtype", "param_dtype"}
 
 
 def _json_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -572,8 +598,10 @@ def _is_flax_dir(path: str) -> bool:
     )
 
 
-def save_flax(model: nnx.Module, config: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write a Flax checkpoint directory: ``state.msgpack`` and ``config.json``.
+def save_flax(model: nnx.Module, config: Mapping[str, Any], path: str | os.PathLike,
+              preprocessing: hub.Preprocessing | None = None) -> None:
+    """Write a Flax checkpoint directory: ``state.msgpack``, ``config.json`` and, when
+    given, the weights' ``preprocessing.json``.
 
     ``config`` holds the ``create_resnet`` keyword arguments (less ``rngs``) that build
     ``model``; it is checked against the model's variables. The directory is written next to
@@ -606,6 +634,10 @@ def save_flax(model: nnx.Module, config: Mapping[str, Any], path: str | os.PathL
         with open(os.path.join(tmp, FLAX_CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
+        if preprocessing is not None:
+            with open(os.path.join(tmp, PREPROCESSING_FILE), "w") as f:
+                json.dump(preprocessing.to_dict(), f, indent=2)
+                f.write("\n")
         if os.path.isdir(path) and os.listdir(path):
             os.replace(path, old)
         os.replace(tmp, path)
@@ -695,26 +727,87 @@ def _read_run(path: str, step: int | None = None) -> tuple[dict[str, Any], dict[
     return config, state_dict
 
 
+def _read_library_dir(path: str, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(ModelConfig fields, torch_ref state_dict) of a Hugging Face or timm directory."""
+    config_json = hub.read_json(os.path.join(path, hub.CONFIG_FILE))
+    state_dict = _read_pytorch_file(hub.weights_file(path))
+    if kind == "hf":
+        fields = hub.hf_model_fields(config_json)
+        if not any(k.startswith("classifier.") for k in state_dict):
+            fields.pop("num_classes")  # a ResNetModel / ResNetBackbone: no classifier
+        return _fill_config(state_dict, "hf", fields)
+    arch, fields = hub.timm_model_fields(config_json)
+    return _fill_config(state_dict, "timm", fields)
+
+
+def _fill_config(state_dict: Mapping[str, Any], naming: str, fields: dict[str, Any]
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The library directory's config, completed (and checked) from its keys."""
+    sd = to_torch_ref_names(state_dict, naming)
+    if "fc.weight" not in sd:
+        fields.setdefault("num_classes", None)  # headless: the caller chooses
+    inferred = infer_config(sd, "torch_ref", **{k: v for k, v in fields.items() if v is not None})
+    if fields.get("num_classes", 0) is None:
+        inferred["num_classes"] = None
+    return inferred, sd
+
+
 def read_saved(
     path: str | os.PathLike, step: int | None = None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The one reader of a saved model directory: a Flax checkpoint (:func:`save_flax`) or a
-    ``train.py`` run directory (its latest checkpoint, or ``step``). Returns
-    ``(create_resnet config, torch_ref state_dict)``."""
+    """The one reader of a saved model directory: a Flax checkpoint (:func:`save_flax`), a
+    ``train.py`` run directory (its latest checkpoint, or ``step``), a Hugging Face
+    transformers directory (``save_pretrained``) or a timm hub directory (``save_for_hf``).
+    Returns ``(ModelConfig fields, torch_ref state_dict)``; ``num_classes`` is None for
+    weights without a classifier (a Hugging Face ``ResNetModel`` / ``ResNetBackbone``)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ConversionError(f"no such directory: {path}")
-    if _is_flax_dir(path):
+    if _is_flax_dir(path) and hub.dir_kind(path) is None:
         if step is not None:
             raise ConversionError(f"{path} is a Flax checkpoint: it has no steps to choose")
         config, flat = _read_flax(path)
         return config, _flax_to_torch_ref(flat)
     if _is_run_dir(path):
         return _read_run(path, step)
+    if (kind := hub.dir_kind(path)) is not None:
+        if step is not None:
+            raise ConversionError(f"{path} is a {kind} model directory: it has no steps")
+        return _read_library_dir(path, kind)
     raise ConversionError(
-        f"{path} is neither a Flax checkpoint ({FLAX_STATE_FILE} + {FLAX_CONFIG_FILE}) nor a "
-        f"train.py run directory ({RUN_CONFIG_FILE} + {RUN_CHECKPOINT_DIR}/)"
+        f"{path} is neither a Flax checkpoint ({FLAX_STATE_FILE} + {FLAX_CONFIG_FILE}), a "
+        f"train.py run directory ({RUN_CONFIG_FILE} + {RUN_CHECKPOINT_DIR}/), a Hugging Face "
+        f"model directory nor a timm one ({hub.CONFIG_FILE} + one of "
+        f"{', '.join(hub.WEIGHT_FILES)})"
     )
+
+
+def read_preprocessing(path: str | os.PathLike) -> hub.Preprocessing | None:
+    """The input preprocessing the weights at ``path`` expect, as far as it is known: a Flax
+    checkpoint's or run's own, timm's ``pretrained_cfg``, Hugging Face's
+    ``preprocessor_config.json``; for a bare torchvision / timm / Hugging Face state_dict,
+    the ImageNet constants those libraries train with (an assumption the ``source`` says);
+    None for a bare ``torch_ref`` file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        kind = hub.dir_kind(path)
+        if kind == "timm":
+            cfg = hub.read_json(os.path.join(path, hub.CONFIG_FILE)).get("pretrained_cfg")
+            return hub.from_timm_cfg(cfg, f"timm pretrained_cfg of {path}") if cfg else None
+        if kind == "hf":
+            pre = os.path.join(path, hub.HF_PREPROCESSOR_FILE)
+            if os.path.isfile(pre):
+                return hub.from_hf_preprocessor(hub.read_json(pre), pre)
+            return hub.imagenet(f"ImageNet constants assumed for {path} (no "
+                                f"{hub.HF_PREPROCESSOR_FILE})")
+        own = os.path.join(path, PREPROCESSING_FILE)
+        if os.path.isfile(own):
+            return hub.Preprocessing.from_dict(hub.read_json(own))
+        return None
+    naming = detect_naming(_read_pytorch_file(path))
+    if naming == "torch_ref":
+        return None
+    return hub.imagenet(f"ImageNet constants assumed for a {naming} state_dict ({path})")
 
 
 def load(path: str | os.PathLike, step: int | None = None) -> tuple[nnx.Module, dict[str, Any]]:
@@ -723,6 +816,9 @@ def load(path: str | os.PathLike, step: int | None = None) -> tuple[nnx.Module, 
     with ``config`` the ``create_resnet`` keyword arguments; the model is in training mode
     like a fresh ``create_resnet``."""
     config, state_dict = read_saved(path, step)
+    if config.get("num_classes") is None:
+        raise ConversionError(f"{path} holds a backbone without a classifier; build a model "
+                              "and use load_pretrained(model, path) to add a fresh one")
     model = _abstract_model(config)
     _load(model, state_dict, "torch_ref")
     return model, config
@@ -786,68 +882,118 @@ def load_pretrained(
 
 
 def _parser() -> argparse.ArgumentParser:
+    from flax_resnet.config import BOTTLENECK_STRIDES, MODEL_NAMES, SHORTCUTS, STEMS
+
     p = argparse.ArgumentParser(
         prog="python -m flax_resnet.convert",
         description=(
-            "Convert ResNet weights between PyTorch files (.pt/.pth/.bin/.safetensors, "
-            "torch_ref or torchvision naming) and Flax checkpoint directories "
-            f"({FLAX_STATE_FILE} + {FLAX_CONFIG_FILE}). The architecture is inferred from "
-            "the keys and shapes; the options below fill in or override it."
+            "Convert ResNet weights between PyTorch files (.pt/.pth/.bin/.safetensors in "
+            "torch_ref, torchvision, timm or Hugging Face naming), Hugging Face and timm model "
+            f"directories, and Flax checkpoint directories ({FLAX_STATE_FILE} + "
+            f"{FLAX_CONFIG_FILE}). The architecture is read from a directory's config.json, or "
+            "inferred from the keys and shapes; the options below fill in or override it."
         ),
     )
     p.add_argument(
         "src",
-        help="a PyTorch weight file, a Flax checkpoint directory or a train.py --workdir",
+        help="a PyTorch weight file, a Hugging Face or timm model directory, a Flax checkpoint "
+             "directory or a train.py --workdir",
     )
     p.add_argument(
         "dst",
-        help="a .pt/.pth/.bin/.safetensors file, or a Flax checkpoint directory (no suffix)",
+        help="a .pt/.pth/.bin/.safetensors file, or a directory (no suffix): a Flax checkpoint, "
+             "or with --to hf / --to timm a Hugging Face / timm model directory",
     )
     p.add_argument(
-        "--naming", default="auto", choices=("auto", *NAMINGS),
-        help="naming of a PyTorch SRC (default: detected)",
+        "--from", "--naming", dest="naming", default="auto", choices=("auto", *NAMINGS),
+        help="naming of a PyTorch SRC file (default: detected from its keys)",
     )
     p.add_argument(
-        "--to-naming", "--to", dest="to_naming", choices=NAMINGS,
-        help="naming of a PyTorch DST (default: SRC's naming; torch_ref from a Flax SRC)",
+        "--to", "--to-naming", dest="to_naming", choices=NAMINGS,
+        help="naming of a PyTorch DST (default: SRC's; torch_ref from a Flax SRC); hf or timm "
+             "with a directory DST writes that library's model directory",
     )
+    p.add_argument("--model", metavar="NAME",
+                   help="a torchvision / timm model name the weights are (resnet50d, "
+                        "resnext50_32x4d, ...), for what the keys do not show: "
+                        + ", ".join(MODEL_NAMES))
     p.add_argument("--step", type=int,
                    help="the checkpoint step of a train.py --workdir SRC (default: the latest)")
     p.add_argument("--depth", type=int, help="ResNet depth (inferred from the blocks per stage)")
     p.add_argument("--norm", help="bn, ln, gn, in or rms (bn and rms are inferred)")
     p.add_argument("--norm-groups", type=int, help="groups of norm gn (default 32)")
-    p.add_argument("--stem", choices=("imagenet", "cifar"), help="(inferred from conv1's kernel)")
-    p.add_argument("--shortcut", choices=("A", "B"), help="(inferred: B if projections exist)")
-    p.add_argument("--num-classes", type=int, help="(inferred from fc.weight)")
-    p.add_argument("--width", type=float, help="stage width multiplier (inferred from conv1)")
+    p.add_argument("--stem", choices=STEMS, help="(inferred from conv1)")
+    p.add_argument("--stem-width", type=int, help="(inferred from conv1)")
+    p.add_argument("--shortcut", choices=SHORTCUTS, help="(inferred: B if projections exist)")
+    p.add_argument("--num-classes", type=int,
+                   help="(inferred from the classifier; for weights without one, a fresh "
+                        "classifier of this size)")
+    p.add_argument("--width", type=float, help="stage width multiplier (inferred)")
+    p.add_argument("--groups", type=int, help="ResNeXt cardinality (inferred)")
+    p.add_argument("--width-per-group", type=int, help="(inferred)")
+    p.add_argument("--bottleneck-stride", choices=BOTTLENECK_STRIDES,
+                   help="the conv that carries a bottleneck's stride; the keys do not show it "
+                        "(default 3x3, torchvision's and timm's)")
+    p.add_argument("--downsample-in-first-stage", action="store_true", default=None,
+                   help="stride 2 in the first stage (the keys do not show it)")
     return p
 
 
-_ARCH_OPTIONS = ("depth", "norm", "norm_groups", "stem", "shortcut", "num_classes", "width")
+_ARCH_OPTIONS = ("depth", "norm", "norm_groups", "stem", "stem_width", "shortcut", "num_classes",
+                 "width", "groups", "width_per_group", "bottleneck_stride",
+                 "downsample_in_first_stage")
+LIBRARY_DIRS: tuple[str, ...] = ("hf", "timm")
 
 
-def _is_flax_dst(path: str) -> bool:
+def _is_dir_dst(path: str) -> bool:
     return os.path.isdir(path) or path.endswith(os.sep) or not _suffix(path)
 
 
+def _is_flax_dst(path: str) -> bool:  # kept for callers of the older name
+    return _is_dir_dst(path)
+
+
+def _with_fresh_classifier(config: dict[str, Any], state_dict: Mapping[str, Any],
+                           num_classes: int | None, src: str) -> nnx.Module:
+    from flax_resnet.models import create_resnet
+
+    if num_classes is None:
+        raise ConversionError(f"{src} has no classifier (a backbone); give --num-classes N "
+                              "for a freshly initialised one")
+    config["num_classes"] = num_classes
+    try:
+        model = create_resnet(**config, rngs=nnx.Rngs(0))
+    except ValueError as err:
+        raise ConversionError(f"config {config} does not build a ResNet: {err}") from err
+    _load(model, state_dict, "torch_ref", keep_classifier=True)
+    return model
+
+
 def convert(src: str, dst: str, *, naming: str = "auto", to_naming: str | None = None,
-            step: int | None = None, **arch: Any) -> tuple[nnx.Module, dict[str, Any], str]:
-    """The command line's work: read ``src``, write ``dst``; returns (model, config, naming
-    written or "flax")."""
-    if not _is_flax_dst(dst) and _suffix(dst) not in PYTORCH_SUFFIXES:
+            step: int | None = None, model: str | None = None, **arch: Any
+            ) -> tuple[nnx.Module, dict[str, Any], str]:
+    """The command line's work: read ``src``, write ``dst``; returns (model, config, what was
+    written: a naming, "flax", or "hf"/"timm" for a model directory)."""
+    if not _is_dir_dst(dst) and _suffix(dst) not in PYTORCH_SUFFIXES:
         raise ConversionError(
             f"unknown weight file type {_suffix(dst)!r} for {dst}; a PyTorch DST is one of "
             f"{', '.join(PYTORCH_SUFFIXES)}, a Flax DST a directory (a path without suffix)"
         )
     if os.path.isdir(src):
-        given = sorted(k for k, v in arch.items() if v is not None)
-        if given:
+        given = sorted(k for k, v in arch.items() if v is not None and k != "num_classes")
+        if given or model:
+            flags = [*(["--model"] if model else []), *("--" + k.replace("_", "-") for k in given)]
             raise ConversionError(
                 f"{src} is a saved model; its config.json fixes the architecture, so "
-                f"{', '.join('--' + k.replace('_', '-') for k in given)} cannot apply"
+                f"{', '.join(flags)} cannot apply"
             )
-        model, config = load(src, step)
-        src_naming = "torch_ref"
+        config, state_dict = read_saved(src, step)
+        src_naming = hub.dir_kind(src) or "torch_ref"
+        if config.get("num_classes") is None:
+            net = _with_fresh_classifier(config, state_dict, arch.get("num_classes"), src)
+        else:
+            net = _abstract_model(config)
+            _load(net, state_dict, "torch_ref")
     else:
         if step is not None:
             raise ConversionError(f"--step chooses a checkpoint of a train.py run; {src} is a file")
@@ -857,15 +1003,62 @@ def convert(src: str, dst: str, *, naming: str = "auto", to_naming: str | None =
                 f"{', '.join(PYTORCH_SUFFIXES)}, a Flax SRC a checkpoint directory"
             )
         state_dict, src_naming = _read_any(src, naming)
-        config = infer_config(state_dict, src_naming, **arch)
-        model = _abstract_model(config)
-        _load(model, state_dict, src_naming)
-    if _is_flax_dst(dst):
-        save_flax(model, config, dst)
-        return model, config, "flax"
-    out_naming = to_naming or src_naming
-    save_pytorch(model, dst, out_naming)
-    return model, config, out_naming
+        num_classes = arch.pop("num_classes", None)
+        if "fc.weight" in to_torch_ref_names(state_dict, src_naming):
+            config = infer_config(state_dict, src_naming, model=model, num_classes=num_classes,
+                                  **arch)
+            net = _abstract_model(config)
+            _load(net, state_dict, src_naming)
+        else:
+            config = infer_config(state_dict, src_naming, model=model, num_classes=0, **arch)
+            net = _with_fresh_classifier(config, to_torch_ref_names(state_dict, src_naming),
+                                         num_classes, src)
+    preprocessing = read_preprocessing(src)
+    out = to_naming or src_naming
+    if _is_dir_dst(dst):
+        if to_naming in LIBRARY_DIRS:
+            save_library_dir(net, config, dst, to_naming, preprocessing)
+            return net, config, to_naming
+        if to_naming is not None:
+            raise ConversionError(f"--to {to_naming} writes a file: give DST a suffix "
+                                  f"({', '.join(PYTORCH_SUFFIXES)}); a directory DST is a Flax "
+                                  f"checkpoint or, with --to hf / --to timm, that library's")
+        save_flax(net, config, dst, preprocessing)
+        return net, config, "flax"
+    save_pytorch(net, dst, out)
+    return net, config, out
+
+
+def save_library_dir(model: nnx.Module, config: Mapping[str, Any], path: str | os.PathLike,
+                     library: str, preprocessing: hub.Preprocessing | None = None) -> None:
+    """Write ``model`` as a Hugging Face transformers directory (``library="hf"``:
+    ``ResNetForImageClassification.from_pretrained(path)`` loads it) or a timm hub directory
+    (``"timm"``: ``timm.create_model("local-dir:" + path, pretrained=True)``), with the
+    weights' preprocessing when known. What the library cannot express is refused."""
+    from flax_resnet.config import ModelConfig
+
+    path = os.fspath(path)
+    cfg = ModelConfig(**{k: v for k, v in config.items() if k not in ("dtype", "param_dtype")})
+    if library == "hf":
+        files = {hub.CONFIG_FILE: hub.hf_config(cfg)}
+        if preprocessing is not None:
+            files[hub.HF_PREPROCESSOR_FILE] = hub.to_hf_preprocessor(preprocessing)
+    elif library == "timm":
+        files = {hub.CONFIG_FILE: hub.timm_config(cfg, preprocessing)}
+    else:
+        raise ConversionError(f"unknown library {library!r}; allowed: {', '.join(LIBRARY_DIRS)}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConversionError(f"{path} exists and is not a directory")
+    os.makedirs(path, exist_ok=True)
+    save_safetensors(model, os.path.join(path, hub.WEIGHT_FILES[0]), library)
+    for name, content in files.items():
+        text = json.dumps(content, indent=2) + "\n"
+        _write_atomic(os.path.join(path, name), lambda tmp, t=text: _write_text(tmp, t))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -877,12 +1070,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConversionError(f"no such file or directory: {args.src}")
         _, config, written = convert(
             args.src, args.dst, naming=args.naming, to_naming=args.to_naming, step=args.step,
-            **arch,
+            model=args.model, **arch,
         )
     except (ValueError, OSError) as err:  # ConversionError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
-    kind = "Flax checkpoint" if written == "flax" else f"{written} state_dict"
+    kind = {"flax": "Flax checkpoint"}.get(written, f"{written} state_dict")
+    if written in LIBRARY_DIRS and _is_dir_dst(args.dst):
+        kind = f"{ {'hf': 'Hugging Face', 'timm': 'timm'}[written]} model directory"
     summary = ", ".join(f"{k}={v}" for k, v in sorted(config.items()))
     print(f"wrote {args.dst} ({kind}; {summary})")
     return 0

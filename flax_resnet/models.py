@@ -8,7 +8,6 @@ transposes (see ``flax_resnet.convert``). Images are NHWC.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -22,6 +21,7 @@ from flax_resnet.config import (  # noqa: F401  (re-exported: the model's vocabu
     STEMS,
     ArchSpec,
     ModelConfig,
+    bottleneck_width,
     stage_widths,
 )
 from flax_resnet.init import InitScheme, get_init_scheme
@@ -41,7 +41,8 @@ class LayerFactory:
     param_dtype: Dtype
     rngs: nnx.Rngs
 
-    def conv(self, cin: int, cout: int, kernel: int, stride: int = 1) -> nnx.Conv:
+    def conv(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1
+             ) -> nnx.Conv:
         pad = kernel // 2
         # Explicit symmetric padding: Flax's 'SAME' pads (0, 1) for stride 2 where PyTorch
         # pads (1, 1), which shifts every strided output by a pixel.
@@ -51,6 +52,7 @@ class LayerFactory:
             kernel_size=(kernel, kernel),
             strides=(stride, stride),
             padding=((pad, pad), (pad, pad)),
+            feature_group_count=groups,
             use_bias=False,
             kernel_init=self.scheme.conv_kernel,
             dtype=self.dtype,
@@ -91,13 +93,30 @@ class ZeroPadShortcut(nnx.Module):
         return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.extra_channels)))
 
 
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """PyTorch's ``AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)`` (timm's
+    avg-down): an odd edge's last window holds one row or column and is averaged over it."""
+    _, h, w, _ = x.shape
+    pad = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
+    window = dict(window_dimensions=(1, 2, 2, 1), window_strides=(1, 2, 2, 1), padding="VALID")
+    total = jax.lax.reduce_window(jnp.pad(x, pad), jnp.zeros((), x.dtype), jax.lax.add,
+                                  **window)
+    if not (h % 2 or w % 2):
+        return total / jnp.asarray(4, x.dtype)
+    ones = jnp.pad(jnp.ones((1, h, w, 1), x.dtype), pad)
+    return total / jax.lax.reduce_window(ones, jnp.zeros((), x.dtype), jax.lax.add, **window)
+
+
 def _shortcut(
-    layers: LayerFactory, cin: int, cout: int, stride: int, kind: str
+    layers: LayerFactory, cin: int, cout: int, stride: int, cfg: ModelConfig
 ) -> nnx.Module:
     if stride == 1 and cin == cout:
         return nnx.Sequential()
-    if kind == "A":
+    if cfg.shortcut == "A":
         return ZeroPadShortcut(cin, cout, stride)
+    if cfg.avg_down:  # the indices of timm's downsample_avg: pool, conv, norm
+        pool = avg_pool_2x2 if stride > 1 else (lambda x: x)
+        return nnx.Sequential(pool, layers.conv(cin, cout, 1), layers.norm_layer(cout))
     return nnx.Sequential(layers.conv(cin, cout, 1, stride), layers.norm_layer(cout))
 
 
@@ -107,17 +126,17 @@ class BasicBlock(nnx.Module):
     expansion = 1
 
     def __init__(
-        self, in_channels: int, out_channels: int, stride: int, layers: LayerFactory,
-        shortcut: str = "B",
+        self, in_channels: int, planes: int, stride: int, layers: LayerFactory,
+        cfg: ModelConfig,
     ):
         self.residual_function = nnx.Sequential(
-            layers.conv(in_channels, out_channels, 3, stride),
-            layers.norm_layer(out_channels),
+            layers.conv(in_channels, planes, 3, stride),
+            layers.norm_layer(planes),
             nnx.relu,
-            layers.conv(out_channels, out_channels, 3),
-            layers.norm_layer(out_channels),
+            layers.conv(planes, planes, 3),
+            layers.norm_layer(planes),
         )
-        self.shortcut = _shortcut(layers, in_channels, out_channels, stride, shortcut)
+        self.shortcut = _shortcut(layers, in_channels, planes, stride, cfg)
 
     @property
     def last_norm(self) -> nnx.Module:
@@ -128,26 +147,29 @@ class BasicBlock(nnx.Module):
 
 
 class BottleNeck(nnx.Module):
-    """1×1 reduce, 3×3 (carrying the stride), 1×1 expand ×4 (ResNet-50/101/152)."""
+    """1×1 reduce, 3×3 (grouped for ResNeXt), 1×1 expand to 4 × ``planes``; the stride on
+    the 3×3 (v1.5) or the first 1×1 (v1), as ``cfg.bottleneck_stride`` says."""
 
     expansion = 4
 
     def __init__(
-        self, in_channels: int, out_channels: int, stride: int, layers: LayerFactory,
-        shortcut: str = "B",
+        self, in_channels: int, planes: int, stride: int, layers: LayerFactory,
+        cfg: ModelConfig,
     ):
-        expanded = out_channels * self.expansion
+        inner = bottleneck_width(planes, cfg.groups, cfg.width_per_group)
+        expanded = planes * self.expansion
+        on_1x1 = cfg.bottleneck_stride == "1x1"
         self.residual_function = nnx.Sequential(
-            layers.conv(in_channels, out_channels, 1),
-            layers.norm_layer(out_channels),
+            layers.conv(in_channels, inner, 1, stride if on_1x1 else 1),
+            layers.norm_layer(inner),
             nnx.relu,
-            layers.conv(out_channels, out_channels, 3, stride),
-            layers.norm_layer(out_channels),
+            layers.conv(inner, inner, 3, 1 if on_1x1 else stride, groups=cfg.groups),
+            layers.norm_layer(inner),
             nnx.relu,
-            layers.conv(out_channels, expanded, 1),
+            layers.conv(inner, expanded, 1),
             layers.norm_layer(expanded),
         )
-        self.shortcut = _shortcut(layers, in_channels, expanded, stride, shortcut)
+        self.shortcut = _shortcut(layers, in_channels, expanded, stride, cfg)
 
     @property
     def last_norm(self) -> nnx.Module:
@@ -168,56 +190,82 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
+def _stem(layers: LayerFactory, cfg: ModelConfig) -> nnx.Sequential:
+    """``conv1``: conv, norm, ReLU (three times for a deep stem), then the max-pool of every
+    stem but the CIFAR one. The indices are torch_ref's (and a deep stem's, timm's)."""
+    widths = cfg.stem_widths()
+    if cfg.stem == "cifar":
+        return nnx.Sequential(layers.conv(cfg.in_channels, widths[0], 3, 1),
+                              layers.norm_layer(widths[0]), nnx.relu)
+    if cfg.stem == "imagenet":
+        return nnx.Sequential(layers.conv(cfg.in_channels, widths[0], 7, 2),
+                              layers.norm_layer(widths[0]), nnx.relu, _max_pool_3x3_s2)
+    convs = []
+    for i, (cin, cout) in enumerate(zip((cfg.in_channels, *widths), widths, strict=False)):
+        convs += [layers.conv(cin, cout, 3, 2 if i == 0 else 1), layers.norm_layer(cout),
+                  nnx.relu]
+    return nnx.Sequential(*convs, _max_pool_3x3_s2)
+
+
+# Backbone feature names, in order: the stem's last activation (before its max-pool: timm's
+# features_only index 0, "act1"), the stem's output (Hugging Face ResNetBackbone's "stem"),
+# and each stage's output ("stage1"... as in Hugging Face; timm's indices 1...).
+STEM_FEATURES: tuple[str, ...] = ("stem_pre_pool", "stem")
+
+
 class ResNet(nnx.Module):
     """Stem ``conv1``, stages ``conv2_x``..., global average pool, classifier ``fc``."""
 
-    def __init__(
-        self,
-        block: type[BasicBlock] | type[BottleNeck],
-        blocks_per_stage: Sequence[int],
-        stage_channels: Sequence[int],
-        layers: LayerFactory,
-        *,
-        stem: str = "imagenet",
-        shortcut: str = "B",
-        num_classes: int = 10,
-        in_channels: int = 3,
-    ):
-        self.in_channels = in_channels
-        width = stage_channels[0]
-        if stem == "imagenet":
-            self.conv1 = nnx.Sequential(
-                layers.conv(in_channels, width, 7, 2),
-                layers.norm_layer(width),
-                nnx.relu,
-                _max_pool_3x3_s2,
-            )
-        else:
-            self.conv1 = nnx.Sequential(
-                layers.conv(in_channels, width, 3, 1), layers.norm_layer(width), nnx.relu
-            )
-        self.stage_names = tuple(f"conv{i + 2}_x" for i in range(len(blocks_per_stage)))
-        channels = width
-        for i, (name, n, out) in enumerate(
-            zip(self.stage_names, blocks_per_stage, stage_channels, strict=True)
-        ):
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory):
+        self.in_channels = cfg.in_channels
+        spec = ARCHS[cfg.depth]
+        block = BLOCKS[spec.block]
+        self.conv1 = _stem(layers, cfg)
+        self.stage_names = tuple(f"conv{i + 2}_x" for i in range(len(spec.blocks_per_stage)))
+        channels = cfg.stem_widths()[-1]
+        feature_channels = [channels, channels]
+        for name, n, planes, stride in zip(self.stage_names, spec.blocks_per_stage,
+                                           cfg.stage_widths(), cfg.stage_strides(),
+                                           strict=True):
             stage = []
             for j in range(n):
-                stride = 2 if i > 0 and j == 0 else 1
-                stage.append(block(channels, out, stride, layers, shortcut))
-                channels = out * block.expansion
+                stage.append(block(channels, planes, stride if j == 0 else 1, layers, cfg))
+                channels = planes * block.expansion
             setattr(self, name, nnx.Sequential(*stage))
-        self.fc = layers.linear(channels, num_classes)
+            feature_channels.append(channels)
+        self.feature_names = (*STEM_FEATURES,
+                              *(f"stage{i + 1}" for i in range(len(self.stage_names))))
+        self.feature_channels = tuple(feature_channels)
+        self.fc = layers.linear(channels, cfg.num_classes)
 
     def blocks(self) -> list[BasicBlock | BottleNeck]:
         return [b for name in self.stage_names for b in getattr(self, name).layers]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _check_input(self, x: jax.Array) -> None:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(
                 f"ResNet expects NHWC images with {self.in_channels} channels, "
                 f"got shape {tuple(x.shape)}"
             )
+
+    def features(self, x: jax.Array) -> dict[str, jax.Array]:
+        """Every backbone feature map (NHWC) by name, see ``feature_names``:
+        ``stem_pre_pool`` (timm ``features_only`` index 0), ``stem`` (Hugging Face
+        ``ResNetBackbone``'s), ``stage1``... (timm's indices 1...; Hugging Face's names)."""
+        self._check_input(x)
+        stem = self.conv1.layers
+        pooled = stem[-1] is _max_pool_3x3_s2
+        out = {}
+        for layer in stem[:-1] if pooled else stem:
+            x = layer(x)
+        out["stem_pre_pool"] = x
+        out["stem"] = x = stem[-1](x) if pooled else x
+        for i, name in enumerate(self.stage_names):
+            out[f"stage{i + 1}"] = x = getattr(self, name)(x)
+        return out
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        self._check_input(x)
         x = self.conv1(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
@@ -228,42 +276,35 @@ class ResNet(nnx.Module):
 def create_resnet(
     depth: int,
     *,
-    norm: str = "bn",
-    stem: str | None = None,
-    num_classes: int = 10,
-    width: float = 1.0,
-    shortcut: str | None = None,
-    init: str = "torch",
-    norm_groups: int = 32,
-    zero_init_residual: bool = False,
-    in_channels: int = 3,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
     rngs: nnx.Rngs,
+    **options: Any,
 ) -> ResNet:
-    """Build a ResNet by name; ``torch_ref.create_resnet`` takes the same arguments.
+    """Build a ResNet; ``torch_ref.create_resnet`` takes the same arguments (less rngs and
+    dtypes). ``options`` are the fields of ``flax_resnet.config.ModelConfig`` (validated by
+    it, with errors that name the value and the allowed ones):
 
-    depth: 18/34 (BasicBlock), 50/101/152 (BottleNeck), or He et al.'s CIFAR nets
+    depth: 18/34 (BasicBlock), 26/50/101/152 (BottleNeck), or He et al.'s CIFAR nets
       20/32/44/56/110 (three stages of 16/32/64 channels).
     norm: ``bn``, ``ln``, ``gn``, ``in``, ``rms`` (see ``flax_resnet.norms.NORMS``).
-    stem: ``imagenet`` (7×7/2 conv + 3×3/2 max-pool) or ``cifar`` (3×3/1 conv); default
-      ``imagenet`` for 18–152 and ``cifar`` for He's CIFAR depths.
+    stem: ``imagenet`` (7×7/2 conv + 3×3/2 max-pool), ``cifar`` (3×3/1 conv), ``deep`` or
+      ``deep_tiered`` (timm's three 3×3 convs + max-pool); default ``imagenet`` for 18–152
+      and ``cifar`` for He's CIFAR depths. ``stem_width``: the stem's conv width.
     shortcut: ``B`` (1×1 conv + norm projection) or ``A`` (zero-padded identity); default
-      ``B`` for 18–152 and ``A`` for He's CIFAR depths.
+      ``B`` for 18–152 and ``A`` for He's CIFAR depths. ``avg_down``: ResNet-D's 2×2 average
+      pool before a stride-1 projection.
+    groups / width_per_group: ResNeXt's cardinality and group width (bottlenecks only;
+      Wide ResNet-50-2 is width_per_group=128). ``width`` instead multiplies every stage's
+      channels, the stem's and the expanded ones included.
+    bottleneck_stride: ``3x3`` (v1.5) or ``1x1`` (v1); downsample_in_first_stage: stride 2
+      in the first stage too (Hugging Face's options).
     init: a scheme of ``flax_resnet.init.INIT_SCHEMES``; ``torch`` is PyTorch's default.
-    width: multiplies every stage's channel count.
     zero_init_residual: zero the scale of each block's last norm, so blocks start as identity.
     dtype / param_dtype: compute and parameter dtypes (norms compute and keep statistics in
       at least float32; float64 throughout for a float64 model).
-
-    The arguments are validated as a ``flax_resnet.config.ModelConfig``; ``from_config``
-    builds from one.
     """
-    cfg = ModelConfig(
-        depth=depth, norm=norm, stem=stem, num_classes=num_classes, width=width,
-        shortcut=shortcut, init=init, norm_groups=norm_groups,
-        zero_init_residual=zero_init_residual, in_channels=in_channels,
-    )
+    cfg = ModelConfig(depth=depth, **options)
     return from_config(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
@@ -275,20 +316,10 @@ def from_config(
     rngs: nnx.Rngs,
 ) -> ResNet:
     """The ResNet ``cfg`` describes (see ``create_resnet``)."""
-    spec = ARCHS[cfg.depth]
     layers = LayerFactory(
         cfg.norm, cfg.norm_groups, get_init_scheme(cfg.init), dtype, param_dtype, rngs
     )
-    model = ResNet(
-        BLOCKS[spec.block],
-        spec.blocks_per_stage,
-        stage_widths(cfg.depth, cfg.width),
-        layers,
-        stem=cfg.stem,
-        shortcut=cfg.shortcut,
-        num_classes=cfg.num_classes,
-        in_channels=cfg.in_channels,
-    )
+    model = ResNet(cfg, layers)
     if cfg.zero_init_residual:
         for block in model.blocks():
             scale = norm_scale(block.last_norm)

@@ -346,9 +346,9 @@ def test_cli_errors(tmp_path, capsys):
     err = _cli_error(capsys, tmp_path / "missing.pth", tmp_path / "out")
     assert "no such file" in err and "missing.pth" in err
 
-    torch.save({**sd, "layer1.0.se.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    torch.save({**sd, "layer1.0.extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
     err = _cli_error(capsys, tmp_path / "extra.pth", tmp_path / "out")
-    assert "unknown torchvision keys ['layer1.0.se.weight']" in err
+    assert "unknown torchvision keys ['layer1.0.extra.weight']" in err
 
     ref_sd = {C.torch_ref_key(k): v for k, v in sd.items()}
     torch.save({**ref_sd, "head.weight": torch.zeros(1)}, tmp_path / "head.pth")

@@ -24,13 +24,15 @@ from torch_ref.norms import make_norm
 
 _IMAGENET = (64, 128, 256, 512)
 # depth: (block, blocks per stage, stage channels, default stem, default shortcut); written
-# from the study, independently of flax_resnet's table (a test checks that the two agree).
+# from the study (26: timm's), independently of flax_resnet's table (a test checks that the
+# two agree).
 ARCHS = {
     18: ("basic", (2, 2, 2, 2), _IMAGENET, "imagenet", "B"),
     34: ("basic", (3, 4, 6, 3), _IMAGENET, "imagenet", "B"),
     50: ("bottleneck", (3, 4, 6, 3), _IMAGENET, "imagenet", "B"),
     101: ("bottleneck", (3, 4, 23, 3), _IMAGENET, "imagenet", "B"),
     152: ("bottleneck", (3, 8, 36, 3), _IMAGENET, "imagenet", "B"),
+    26: ("bottleneck", (2, 2, 2, 2), _IMAGENET, "imagenet", "B"),
     **{
         d: ("basic", ((d - 2) // 6,) * 3, (16, 32, 64), "cifar", "A")
         for d in (20, 32, 44, 56, 110)
@@ -51,22 +53,28 @@ class ZeroPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
 
 
-def _shortcut(cin: int, cout: int, stride: int, norm: str, groups: int, kind: str) -> nn.Module:
+def _shortcut(cin: int, cout: int, stride: int, cfg: ModelConfig) -> nn.Module:
     if stride == 1 and cin == cout:
         return nn.Sequential()
-    if kind == "A":
+    if cfg.shortcut == "A":
         return ZeroPadShortcut(cin, cout, stride)
+    if cfg.avg_down:  # timm's downsample_avg
+        pool = (nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+                if stride > 1 else nn.Identity())
+        return nn.Sequential(pool, nn.Conv2d(cin, cout, kernel_size=1, bias=False),
+                             make_norm(cfg.norm, cout, cfg.norm_groups))
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False),
-        make_norm(norm, cout, groups),
+        make_norm(cfg.norm, cout, cfg.norm_groups),
     )
 
 
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_channels, out_channels, stride=1, norm="bn", groups=32, shortcut="B"):
+    def __init__(self, in_channels, out_channels, stride, cfg: ModelConfig):
         super().__init__()
+        norm, groups = cfg.norm, cfg.norm_groups
         self.residual_function = nn.Sequential(
             nn.Conv2d(
                 in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False
@@ -76,7 +84,7 @@ class BasicBlock(nn.Module):
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
             make_norm(norm, out_channels, groups),
         )
-        self.shortcut = _shortcut(in_channels, out_channels, stride, norm, groups, shortcut)
+        self.shortcut = _shortcut(in_channels, out_channels, stride, cfg)
 
     def forward(self, x):
         return F.relu(self.residual_function(x) + self.shortcut(x))
@@ -85,63 +93,92 @@ class BasicBlock(nn.Module):
 class BottleNeck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_channels, out_channels, stride=1, norm="bn", groups=32, shortcut="B"):
+    def __init__(self, in_channels, out_channels, stride, cfg: ModelConfig):
         super().__init__()
+        norm, groups = cfg.norm, cfg.norm_groups
+        # torchvision's grouped width: int(planes * (base_width / 64.0)) * groups
+        width = int(out_channels * (cfg.width_per_group / 64.0)) * cfg.groups
         expanded = out_channels * BottleNeck.expansion
+        s1, s3 = (stride, 1) if cfg.bottleneck_stride == "1x1" else (1, stride)
         self.residual_function = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
-            make_norm(norm, out_channels, groups),
+            nn.Conv2d(in_channels, width, kernel_size=1, stride=s1, bias=False),
+            make_norm(norm, width, groups),
             nn.ReLU(inplace=True),
-            nn.Conv2d(
-                out_channels, out_channels, stride=stride, kernel_size=3, padding=1, bias=False
-            ),
-            make_norm(norm, out_channels, groups),
+            nn.Conv2d(width, width, stride=s3, kernel_size=3, padding=1, groups=cfg.groups,
+                      bias=False),
+            make_norm(norm, width, groups),
             nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, expanded, kernel_size=1, bias=False),
+            nn.Conv2d(width, expanded, kernel_size=1, bias=False),
             make_norm(norm, expanded, groups),
         )
-        self.shortcut = _shortcut(in_channels, expanded, stride, norm, groups, shortcut)
+        self.shortcut = _shortcut(in_channels, expanded, stride, cfg)
 
     def forward(self, x):
         return F.relu(self.residual_function(x) + self.shortcut(x))
 
 
+def _stem(cfg: ModelConfig, first_stage: int) -> tuple[nn.Sequential, int]:
+    """(conv1, its output channels); a deep stem as timm's (stem_width, tiered)."""
+    norm, groups, cin = cfg.norm, cfg.norm_groups, cfg.in_channels
+    if cfg.stem in ("deep", "deep_tiered"):
+        sw = cfg.stem_width or max(1, first_stage // 2)
+        chs = (3 * (sw // 4), sw) if cfg.stem == "deep_tiered" else (sw, sw)
+        out = 2 * sw
+        return nn.Sequential(
+            nn.Conv2d(cin, chs[0], 3, stride=2, padding=1, bias=False),
+            make_norm(norm, chs[0], groups), nn.ReLU(inplace=True),
+            nn.Conv2d(chs[0], chs[1], 3, stride=1, padding=1, bias=False),
+            make_norm(norm, chs[1], groups), nn.ReLU(inplace=True),
+            nn.Conv2d(chs[1], out, 3, stride=1, padding=1, bias=False),
+            make_norm(norm, out, groups), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        ), out
+    out = cfg.stem_width or first_stage
+    if cfg.stem == "imagenet":
+        return nn.Sequential(
+            nn.Conv2d(cin, out, kernel_size=7, stride=2, padding=3, bias=False),
+            make_norm(norm, out, groups),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        ), out
+    return nn.Sequential(
+        nn.Conv2d(cin, out, kernel_size=3, padding=1, bias=False),
+        make_norm(norm, out, groups),
+        nn.ReLU(inplace=True),
+    ), out
+
+
 class ResNet(nn.Module):
-    def __init__(self, block, num_block, stage_channels=_IMAGENET, num_classes=10, stem="imagenet",
-                 norm="bn", groups=32, shortcut="B", in_channels=3):
+    def __init__(self, block, num_block, stage_channels, cfg: ModelConfig):
         super().__init__()
-        self.in_channels = stage_channels[0]
-        if stem == "imagenet":
-            self.conv1 = nn.Sequential(
-                nn.Conv2d(
-                    in_channels, self.in_channels, kernel_size=7, stride=2, padding=3, bias=False
-                ),
-                make_norm(norm, self.in_channels, groups),
-                nn.ReLU(),
-                nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-            )
-        else:
-            self.conv1 = nn.Sequential(
-                nn.Conv2d(in_channels, self.in_channels, kernel_size=3, padding=1, bias=False),
-                make_norm(norm, self.in_channels, groups),
-                nn.ReLU(inplace=True),
-            )
+        self.conv1, self.in_channels = _stem(cfg, stage_channels[0])
         self.stage_names = []
         for i, (n, out) in enumerate(zip(num_block, stage_channels, strict=True)):
             name = f"conv{i + 2}_x"
-            stride = 1 if i == 0 else 2
-            setattr(self, name, self._make_layer(block, out, n, stride, norm, groups, shortcut))
+            stride = 2 if i > 0 or cfg.downsample_in_first_stage else 1
+            setattr(self, name, self._make_layer(block, out, n, stride, cfg))
             self.stage_names.append(name)
         self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(self.in_channels, num_classes)
+        self.fc = nn.Linear(self.in_channels, cfg.num_classes)
 
-    def _make_layer(self, block, out_channels, num_blocks, stride, norm, groups, shortcut):
+    def _make_layer(self, block, out_channels, num_blocks, stride, cfg):
         strides = [stride] + [1] * (num_blocks - 1)
         layers = []
         for s in strides:
-            layers.append(block(self.in_channels, out_channels, s, norm, groups, shortcut))
+            layers.append(block(self.in_channels, out_channels, s, cfg))
             self.in_channels = out_channels * block.expansion
         return nn.Sequential(*layers)
+
+    def features(self, x) -> dict[str, torch.Tensor]:
+        """The backbone feature maps, named as ``flax_resnet.models.ResNet.features``'s."""
+        pooled = isinstance(self.conv1[-1], nn.MaxPool2d)
+        out = {}
+        x = self.conv1[:-1](x) if pooled else self.conv1(x)
+        out["stem_pre_pool"] = x
+        out["stem"] = x = self.conv1[-1](x) if pooled else x
+        for i, name in enumerate(self.stage_names):
+            out[f"stage{i + 1}"] = x = getattr(self, name)(x)
+        return out
 
     def forward(self, x):
         x = self.conv1(x)
@@ -194,17 +231,10 @@ def _last_norm(block: nn.Module) -> nn.Module:
     return norm.norm if hasattr(norm, "norm") else norm
 
 
-def create_resnet(depth: int, *, norm: str = "bn", stem: str | None = None, num_classes: int = 10,
-                  width: float = 1.0, shortcut: str | None = None, init: str = "torch",
-                  norm_groups: int = 32, zero_init_residual: bool = False,
-                  in_channels: int = 3) -> ResNet:
+def create_resnet(depth: int, **options) -> ResNet:
     """Same arguments as ``flax_resnet.create_resnet`` (less rngs and dtypes), validated by
     the same ``flax_resnet.config.ModelConfig``."""
-    return from_config(ModelConfig(
-        depth=depth, norm=norm, stem=stem, num_classes=num_classes, width=width,
-        shortcut=shortcut, init=init, norm_groups=norm_groups,
-        zero_init_residual=zero_init_residual, in_channels=in_channels,
-    ))
+    return from_config(ModelConfig(depth=depth, **options))
 
 
 def from_config(cfg: ModelConfig) -> ResNet:
@@ -212,8 +242,7 @@ def from_config(cfg: ModelConfig) -> ResNet:
     block, num_block, channels, _, _ = ARCHS[cfg.depth]
     channels = tuple(max(1, round(c * cfg.width)) for c in channels)
     block_cls = BasicBlock if block == "basic" else BottleNeck
-    model = ResNet(block_cls, num_block, channels, cfg.num_classes, cfg.stem, cfg.norm,
-                   cfg.norm_groups, cfg.shortcut, cfg.in_channels)
+    model = ResNet(block_cls, num_block, channels, cfg)
     init_weights(model, cfg.init)
     if cfg.zero_init_residual:
         for m in model.modules():

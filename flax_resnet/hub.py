@@ -1,0 +1,299 @@
+"""Other libraries' model directories and the preprocessing that travels with weights.
+
+A Hugging Face transformers directory (``save_pretrained``: ``config.json`` with
+``model_type: resnet``, ``model.safetensors`` or ``pytorch_model.bin``, optionally
+``preprocessor_config.json``) and a timm hub directory (``timm.models.save_for_hf``:
+``config.json`` with ``architecture``, ``model_args`` and ``pretrained_cfg``, and the
+weights) are described here as ``ModelConfig`` fields and ``Preprocessing``, both ways.
+Reading and writing the tensors is ``flax_resnet.convert``'s. Free of JAX and torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flax_resnet.config import ARCHS, MODEL_NAMES, ModelConfig, infer_width
+from flax_resnet.namings import ConversionError
+
+CONFIG_FILE = "config.json"
+HF_PREPROCESSOR_FILE = "preprocessor_config.json"
+WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# PIL's resampling codes, as Hugging Face's image processors store them.
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How the weights expect their inputs: ``(x / 255 - mean) / std`` per channel, at
+    ``input_size`` (C, H, W) after resizing with ``interpolation`` and a ``crop_pct`` center
+    crop; ``source`` says where this came from."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: tuple[int, ...] | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        for key in ("mean", "std", "input_size"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def imagenet(source: str) -> Preprocessing:
+    """torchvision's ImageNet preprocessing (mean/std, 224 after a 256 resize, bilinear)."""
+    return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224), "bilinear", 0.875, source)
+
+
+def from_timm_cfg(cfg: Mapping[str, Any], source: str) -> Preprocessing:
+    """From timm's ``pretrained_cfg``."""
+    return Preprocessing(
+        tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)),
+        tuple(cfg["input_size"]) if cfg.get("input_size") else None,
+        cfg.get("interpolation"), cfg.get("crop_pct"), source)
+
+
+def to_timm_cfg(pre: Preprocessing) -> dict[str, Any]:
+    out: dict[str, Any] = {"mean": list(pre.mean), "std": list(pre.std)}
+    if pre.input_size:
+        out["input_size"] = list(pre.input_size)
+    if pre.interpolation:
+        out["interpolation"] = pre.interpolation
+    if pre.crop_pct:
+        out["crop_pct"] = pre.crop_pct
+    return out
+
+
+def from_hf_preprocessor(d: Mapping[str, Any], source: str) -> Preprocessing:
+    """From a Hugging Face ``preprocessor_config.json``."""
+    size = d.get("size") or {}
+    side = size.get("shortest_edge") or size.get("height") if isinstance(size, Mapping) else size
+    channels = len(d.get("image_mean") or IMAGENET_MEAN)
+    return Preprocessing(
+        tuple(d.get("image_mean") or IMAGENET_MEAN), tuple(d.get("image_std") or IMAGENET_STD),
+        (channels, int(side), int(side)) if side else None,
+        _PIL_RESAMPLE.get(d.get("resample")), d.get("crop_pct"), source)
+
+
+def to_hf_preprocessor(pre: Preprocessing) -> dict[str, Any]:
+    resample = {v: k for k, v in _PIL_RESAMPLE.items()}.get(pre.interpolation or "", 2)
+    side = pre.input_size[-1] if pre.input_size else 224
+    return {
+        "image_processor_type": "ConvNextImageProcessor", "do_resize": True,
+        "size": {"shortest_edge": side}, "crop_pct": pre.crop_pct or 0.875,
+        "resample": resample, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(pre.mean), "image_std": list(pre.std),
+    }
+
+
+def read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"cannot read {path}: {err}") from None
+
+
+def dir_kind(path: str) -> str | None:
+    """``hf`` or ``timm`` for such a model directory, else None."""
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        return None
+    config = read_json(config_path)
+    if not isinstance(config, dict):
+        return None
+    if "model_type" in config:
+        return "hf"
+    if "architecture" in config:
+        return "timm"
+    return None
+
+
+def weights_file(path: str) -> str:
+    for name in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise ConversionError(f"{path} holds no weights: none of {', '.join(WEIGHT_FILES)} "
+                          "(a sharded checkpoint is not supported)")
+
+
+# --- Hugging Face transformers ------------------------------------------------------------
+
+_HF_LAYER_TYPES = {"basic": "basic", "bottleneck": "bottleneck"}
+
+
+def hf_model_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields of a transformers ``ResNetConfig``; anything flax_resnet does not
+    build is refused by its field name."""
+    if hf.get("model_type") != "resnet":
+        raise ConversionError(f"model_type {hf.get('model_type')!r} is not supported; only "
+                              "Hugging Face's 'resnet' (ResNetModel, ResNetForImageClassification, "
+                              "ResNetBackbone)")
+    layer_type = hf.get("layer_type", "bottleneck")
+    if layer_type not in _HF_LAYER_TYPES:
+        raise ConversionError(f"layer_type {layer_type!r} is not supported; allowed: "
+                              f"{', '.join(_HF_LAYER_TYPES)}")
+    if hf.get("hidden_act", "relu") != "relu":
+        raise ConversionError(f"hidden_act {hf['hidden_act']!r} is not supported; only 'relu'")
+    depths = tuple(hf.get("depths", (3, 4, 6, 3)))
+    block = _HF_LAYER_TYPES[layer_type]
+    found = [d for d, a in ARCHS.items() if (a.block, a.blocks_per_stage) == (block, depths)
+             and a.default_stem == "imagenet"]
+    if not found:
+        raise ConversionError(f"depths {list(depths)} with layer_type {layer_type!r} is no "
+                              f"ResNet depth flax_resnet builds ({', '.join(map(str, ARCHS))})")
+    depth = found[0]
+    hidden = list(hf.get("hidden_sizes", (256, 512, 1024, 2048)))
+    planes = [h // 4 for h in hidden] if block == "bottleneck" else hidden
+    if block == "bottleneck" and any(h % 4 for h in hidden):
+        raise ConversionError(f"hidden_sizes {hidden} are not bottleneck outputs (4 x planes)")
+    try:
+        width = infer_width(ARCHS[depth].stage_channels, planes)
+    except ValueError as err:
+        raise ConversionError(f"hidden_sizes {hidden}: {err}") from None
+    fields: dict[str, Any] = {
+        "depth": depth, "width": width, "stem": "imagenet",
+        "in_channels": int(hf.get("num_channels", 3)),
+        "num_classes": len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2)),
+        "downsample_in_first_stage": bool(hf.get("downsample_in_first_stage", False)),
+    }
+    if block == "bottleneck" and hf.get("downsample_in_bottleneck", False):
+        fields["bottleneck_stride"] = "1x1"
+    embedding = int(hf.get("embedding_size", 64))
+    fields["stem_width"] = None if embedding == ModelConfig(**fields).stage_widths()[0] \
+        else embedding
+    return fields
+
+
+def hf_config(cfg: ModelConfig, architecture: str = "ResNetForImageClassification"
+              ) -> dict[str, Any]:
+    """A transformers ``ResNetConfig`` (``config.json``) for ``cfg``; what Hugging Face's
+    ResNet cannot express is refused by field."""
+    unsupported = {
+        "stem": (cfg.stem, "imagenet"), "groups": (cfg.groups, 1),
+        "width_per_group": (cfg.width_per_group, 64), "avg_down": (cfg.avg_down, False),
+        "shortcut": (cfg.shortcut, "B"), "norm": (cfg.norm, "bn"),
+    }
+    bad = [f"{k} {v!r} (Hugging Face's ResNet has only {ok!r})"
+           for k, (v, ok) in unsupported.items() if v != ok]
+    if bad:
+        raise ConversionError(f"this model cannot be a Hugging Face ResNet: {'; '.join(bad)}; "
+                              "write timm or torch_ref naming instead")
+    spec = ARCHS[cfg.depth]
+    expansion = 4 if spec.block == "bottleneck" else 1
+    n = len(spec.blocks_per_stage)
+    labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
+    return {
+        "architectures": [architecture], "model_type": "resnet",
+        "num_channels": cfg.in_channels, "embedding_size": cfg.stem_widths()[-1],
+        "hidden_sizes": [c * expansion for c in cfg.stage_widths()],
+        "depths": list(spec.blocks_per_stage), "layer_type": spec.block, "hidden_act": "relu",
+        "downsample_in_first_stage": cfg.downsample_in_first_stage,
+        "downsample_in_bottleneck": cfg.bottleneck_stride == "1x1",
+        "id2label": labels, "label2id": {v: int(k) for k, v in labels.items()},
+        "stage_names": ["stem", *(f"stage{i + 1}" for i in range(n))],
+        "out_features": [f"stage{n}"], "out_indices": [n],
+    }
+
+
+# --- timm ------------------------------------------------------------------------------------
+
+# timm ResNet model_args -> how they read as ModelConfig fields (None: needs the name's base)
+_TIMM_ARGS = {"num_classes", "in_chans", "channels", "stem_width", "stem_type", "cardinality",
+              "base_width", "avg_down", "global_pool", "drop_rate", "drop_path_rate"}
+
+
+def timm_model_fields(timm_config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(timm architecture name, ModelConfig fields) of a timm hub ``config.json``."""
+    arch = str(timm_config.get("architecture", ""))
+    base = arch.split(".", 1)[0]
+    if base not in MODEL_NAMES:
+        raise ConversionError(f"timm architecture {arch!r} is not supported; supported: "
+                              f"{', '.join(MODEL_NAMES)}")
+    args = dict(timm_config.get("model_args") or {})
+    unknown = sorted(set(args) - _TIMM_ARGS)
+    if unknown:
+        raise ConversionError(f"timm model_args {unknown} are not supported; supported: "
+                              f"{', '.join(sorted(_TIMM_ARGS))}")
+    if args.get("global_pool", "avg") != "avg":
+        raise ConversionError(f"timm global_pool {args['global_pool']!r} is not supported; "
+                              "only 'avg'")
+    fields = dict(MODEL_NAMES[base])
+    if "num_classes" in args or "num_classes" in timm_config:
+        fields["num_classes"] = int(args.get("num_classes", timm_config.get("num_classes")))
+    if "in_chans" in args:
+        fields["in_channels"] = int(args["in_chans"])
+    if "channels" in args:
+        fields["width"] = infer_width(ARCHS[fields["depth"]].stage_channels,
+                                      list(args["channels"]))
+    if "stem_type" in args:
+        fields["stem"] = {"": "imagenet", "deep": "deep", "deep_tiered": "deep_tiered"}.get(
+            args["stem_type"], args["stem_type"])
+    for timm_name, ours in (("stem_width", "stem_width"), ("cardinality", "groups"),
+                            ("base_width", "width_per_group"), ("avg_down", "avg_down")):
+        if timm_name in args:
+            fields[ours] = args[timm_name]
+    if fields.get("stem", "imagenet") == "imagenet":
+        fields.pop("stem_width", None)  # timm's plain stem is 64 wide whatever stem_width says
+    return arch, fields
+
+
+def timm_config(cfg: ModelConfig, pre: Preprocessing | None) -> dict[str, Any]:
+    """A timm hub ``config.json`` for ``cfg`` (``timm.create_model('local-dir:DIR')`` builds
+    it); what timm's ResNet cannot express is refused by field."""
+    unsupported = {
+        "norm": (cfg.norm, "bn"), "shortcut": (cfg.shortcut, "B"),
+        "bottleneck_stride": (cfg.bottleneck_stride, "3x3"),
+        "downsample_in_first_stage": (cfg.downsample_in_first_stage, False),
+    }
+    bad = [f"{k} {v!r} (timm's ResNet has only {ok!r})"
+           for k, (v, ok) in unsupported.items() if v != ok]
+    if cfg.stem == "cifar":
+        bad.append("stem 'cifar' (timm's ResNet stems have a stride-2 conv and a max-pool)")
+    if cfg.stem == "imagenet" and cfg.stem_widths() != (64,):
+        bad.append(f"a {cfg.stem_widths()[0]}-channel 7x7 stem (timm's is 64 wide)")
+    if cfg.depth not in (18, 26, 34, 50, 101, 152):
+        bad.append(f"depth {cfg.depth} (timm has no He et al. CIFAR depths)")
+    if bad:
+        raise ConversionError(f"this model cannot be a timm ResNet: {'; '.join(bad)}")
+    args: dict[str, Any] = {
+        "num_classes": cfg.num_classes, "in_chans": cfg.in_channels,
+        "channels": list(cfg.stage_widths()), "cardinality": cfg.groups,
+        "base_width": cfg.width_per_group, "avg_down": cfg.avg_down,
+        "stem_type": "" if cfg.stem == "imagenet" else cfg.stem, "global_pool": "avg",
+    }
+    if cfg.stem != "imagenet":
+        args["stem_width"] = cfg.stem_widths()[1]
+    expansion = 4 if cfg.block == "bottleneck" else 1
+    return {
+        "architecture": f"resnet{cfg.depth}", "num_classes": cfg.num_classes,
+        "num_features": cfg.stage_widths()[-1] * expansion, "global_pool": "avg",
+        "model_args": args,
+        "pretrained_cfg": {**(to_timm_cfg(pre) if pre else {}), "num_classes": cfg.num_classes,
+                           "first_conv": "conv1" if cfg.stem == "imagenet" else "conv1.0",
+                           "classifier": "fc"},
+    }
+
+
+def stats(pre: Preprocessing | None, channels: int) -> tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) of ``pre`` for ``channels`` input channels."""
+    if pre is None or len(pre.mean) != channels or len(pre.std) != channels:
+        raise ConversionError(f"the weights' preprocessing {pre} does not fit {channels} "
+                              "input channels")
+    return pre.mean, pre.std
