@@ -359,6 +359,10 @@ DATA_MODEL_FIELDS: frozenset[str] = frozenset({"num_classes", "in_channels"})
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float64")
 CLI_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 PARALLEL_MODES: tuple[str, ...] = ("jit", "pmap")
+# Where a run's input mean/std come from: "auto" takes the init_from weights' preprocessing
+# when they carry one (timm's pretrained_cfg, Hugging Face's preprocessor_config.json, the
+# ImageNet constants of torchvision/timm/Hugging Face state_dicts), else the data set's.
+INPUT_STATS: tuple[str, ...] = ("auto", "data", "weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,6 +414,9 @@ class TrainConfig:
         "saved model or a run directory; the classifier is replaced if the class count "
         "differs); recorded with the run and used until its first checkpoint exists",
         group="model", metavar="PATH")
+    input_stats: str = option(
+        "auto", "input mean/std: auto (the init_from weights' preprocessing when they carry "
+        "one, else the data set's), data, or weights", choices=INPUT_STATS, group="data")
     eval_flip: bool = option(False, "also report test accuracy with flip test-time "
                               "augmentation (mean logits of image and mirror) as test_acc_flip",
                               group="data")
@@ -422,6 +429,10 @@ class TrainConfig:
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("parallel", self.parallel, PARALLEL_MODES)
+        check_choice("input_stats", self.input_stats, INPUT_STATS)
+        if self.input_stats == "weights" and not self.init_from:
+            raise ConfigError("input_stats", "input_stats weights needs init_from (the weights "
+                                             "whose preprocessing to take)")
         schedule = canonical_schedule(self.schedule)
         check_positive("lr", self.lr)
         check_positive("lr_gamma", self.lr_gamma)

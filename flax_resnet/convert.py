@@ -744,11 +744,11 @@ def _fill_config(state_dict: Mapping[str, Any], naming: str, fields: dict[str, A
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The library directory's config, completed (and checked) from its keys."""
     sd = to_torch_ref_names(state_dict, naming)
-    if "fc.weight" not in sd:
-        fields.setdefault("num_classes", None)  # headless: the caller chooses
-    inferred = infer_config(sd, "torch_ref", **{k: v for k, v in fields.items() if v is not None})
-    if fields.get("num_classes", 0) is None:
-        inferred["num_classes"] = None
+    headless = "fc.weight" not in sd
+    given = {k: v for k, v in fields.items() if v is not None}
+    inferred = infer_config(sd, "torch_ref", **(given | {"num_classes": 0} if headless else given))
+    if headless:
+        inferred["num_classes"] = None  # the caller chooses
     return inferred, sd
 
 
@@ -810,18 +810,40 @@ def read_preprocessing(path: str | os.PathLike) -> hub.Preprocessing | None:
     return hub.imagenet(f"ImageNet constants assumed for a {naming} state_dict ({path})")
 
 
-def load(path: str | os.PathLike, step: int | None = None) -> tuple[nnx.Module, dict[str, Any]]:
-    """Build and load the model saved in ``path``: a Flax checkpoint directory or a
-    ``train.py`` run directory (latest checkpoint, or ``step``). Returns ``(model, config)``
-    with ``config`` the ``create_resnet`` keyword arguments; the model is in training mode
-    like a fresh ``create_resnet``."""
-    config, state_dict = read_saved(path, step)
+def load(
+    path: str | os.PathLike, step: int | None = None, *, dtype: Any = None,
+    model: str | None = None, naming: str = "auto", **arch: Any,
+) -> tuple[nnx.Module, dict[str, Any]]:
+    """Build and load the model saved in ``path``. Returns ``(model, config)`` with
+    ``config`` the ``create_resnet`` keyword arguments; the model is in training mode like a
+    fresh ``create_resnet`` (``model.eval()`` for inference).
+
+    ``path``: a Flax checkpoint directory, a ``train.py`` run directory (latest checkpoint,
+    or ``step``), a Hugging Face or timm model directory (the architecture from its
+    ``config.json``), or a PyTorch state_dict file in any naming (the architecture inferred
+    from its keys; ``model``: a torchvision / timm name, and ``arch``: ``ModelConfig``
+    fields, for what the keys do not show). ``dtype``: the parameter and compute dtype
+    (default float32; float64 needs ``jax.enable_x64``).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if model is not None or any(v is not None for v in arch.values()):
+            raise ConversionError(f"{path} is a saved model: its config.json fixes the "
+                                  "architecture")
+        config, state_dict = read_saved(path, step)
+    else:
+        if step is not None:
+            raise ConversionError(f"step chooses a checkpoint of a train.py run; {path} is a file")
+        state_dict, found = _read_any(path, naming)
+        state_dict = to_torch_ref_names(state_dict, found)
+        config = infer_config(state_dict, "torch_ref", model=model, **arch)
     if config.get("num_classes") is None:
         raise ConversionError(f"{path} holds a backbone without a classifier; build a model "
                               "and use load_pretrained(model, path) to add a fresh one")
-    model = _abstract_model(config)
-    _load(model, state_dict, "torch_ref")
-    return model, config
+    dtypes = {} if dtype is None else {"dtype": dtype, "param_dtype": dtype}
+    net = _abstract_model({**config, **dtypes})
+    _load(net, state_dict, "torch_ref")
+    return net, config
 
 
 def load_flax(path: str | os.PathLike) -> tuple[nnx.Module, dict[str, Any]]:

@@ -309,6 +309,42 @@ def _flip_note(result: dict[str, float]) -> str:
     return f" (flip TTA {100 * result['acc_flip']:.2f}%)" if "acc_flip" in result else ""
 
 
+PREPROCESSING_FILE = "preprocessing.json"  # the run's input mean/std, and where they came from
+
+
+def _fmt(values: Any) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def _input_stats(cfg: TrainConfig, ds: Any, workdir: Path, started: bool) -> Any:
+    """The run's input preprocessing: as recorded in the workdir; else, for a run that
+    checkpointed before runs recorded it, the data set's (what it trained with); else as
+    ``cfg.input_stats`` says."""
+    from flax_resnet.hub import Preprocessing
+
+    recorded = workdir / PREPROCESSING_FILE
+    if recorded.exists():
+        return Preprocessing.from_dict(_read_json(recorded))
+    channels = ds.image_shape[-1]
+    own = Preprocessing(tuple(ds.mean), tuple(ds.std), (channels, *ds.image_shape[:2]),
+                        source=f"the data set {ds.name}")
+    if started or cfg.input_stats == "data" or not cfg.init_from:
+        return own
+    from flax_resnet.convert import read_preprocessing
+
+    try:
+        weights = read_preprocessing(cfg.init_from)
+    except (OSError, ValueError) as e:
+        raise RunError(f"init_from {cfg.init_from}: {e}", "init_from") from None
+    fits = weights is not None and len(weights.mean) == len(weights.std) == channels
+    if cfg.input_stats == "weights" and not fits:
+        what = "carry no preprocessing" if weights is None else \
+            f"expect {len(weights.mean)} channels, the data has {channels}"
+        raise RunError(f"input_stats weights: the init_from weights {cfg.init_from} {what}; "
+                       "use input_stats data", "input_stats")
+    return weights if fits else own
+
+
 def _prepare_workdir(workdir: Path, eval_only: bool) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise RunError(f"workdir {workdir} is a file, not a directory; use another workdir",
@@ -405,6 +441,8 @@ def _run(cfg: TrainConfig, workdir: Path, options: RunOptions, asked: set[str] |
         )
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=options.keep_checkpoints)
+    stats = _input_stats(cfg, ds, workdir, started=bool(ckpt.all_steps()))
+    say(f"input mean/std {_fmt(stats.mean)} / {_fmt(stats.std)} from {stats.source}")
     model = T.create_model(cfg)
     if cfg.init_from and not ckpt.all_steps():  # until the run's first checkpoint exists
         from flax_resnet.convert import load_pretrained
@@ -433,6 +471,7 @@ def _run(cfg: TrainConfig, workdir: Path, options: RunOptions, asked: set[str] |
 
     if lead:
         _write_json(config_path, cfg.to_dict())
+        _write_json(workdir / PREPROCESSING_FILE, stats.to_dict())
     meta: dict[str, Any] = {}
     try:
         good = ckpt.restore_good(state, report=say, set_aside=lead and not options.eval_only)
@@ -452,7 +491,7 @@ def _run(cfg: TrainConfig, workdir: Path, options: RunOptions, asked: set[str] |
     elif options.eval_only:
         raise RunError(f"eval_only: no checkpoint in {workdir / 'checkpoints'}", "eval_only")
 
-    eval_step = T.make_eval_step(defs.eval, cfg, ds.mean, ds.std, mesh)
+    eval_step = T.make_eval_step(defs.eval, cfg, stats.mean, stats.std, mesh)
     if options.eval_only:
         result = T.evaluate(eval_step, state, ds.test, eval_batch, mesh)
         out = {"step": latest, "epoch": meta.get("epoch"), "test_loss": result["loss"],
@@ -467,7 +506,7 @@ def _run(cfg: TrainConfig, workdir: Path, options: RunOptions, asked: set[str] |
         ckpt.close()
         return out
 
-    train_step = T.make_train_step(defs.train, tx, cfg, ds.mean, ds.std, mesh)
+    train_step = T.make_train_step(defs.train, tx, cfg, stats.mean, stats.std, mesh)
     schedule = make_schedule(cfg, spe)
     start_epoch = int(meta.get("epoch", 0))
     start_in_epoch = int(meta.get("step_in_epoch", 0))
