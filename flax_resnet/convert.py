@@ -782,6 +782,16 @@ def read_saved(
     )
 
 
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``ModelConfig`` fields of the weights at ``path`` (any source :func:`load`
+    reads): a directory's own, or inferred from a file's keys."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return read_saved(path)[0]
+    state_dict, naming = _read_any(path)
+    return infer_config(state_dict, naming)
+
+
 def read_preprocessing(path: str | os.PathLike) -> hub.Preprocessing | None:
     """The input preprocessing the weights at ``path`` expect, as far as it is known: a Flax
     checkpoint's or run's own, timm's ``pretrained_cfg``, Hugging Face's

@@ -309,6 +309,35 @@ def _flip_note(result: dict[str, float]) -> str:
     return f" (flip TTA {100 * result['acc_flip']:.2f}%)" if "acc_flip" in result else ""
 
 
+# The fields of a model's architecture: a run started from weights takes those it was not
+# told from the weights (init scheme, zero_init_residual and the data's fields stay its own).
+ARCHITECTURE_FIELDS: tuple[str, ...] = (
+    "depth", "norm", "stem", "width", "shortcut", "norm_groups", "groups", "width_per_group",
+    "stem_width", "avg_down", "bottleneck_stride", "downsample_in_first_stage",
+)
+
+
+def _architecture_of_weights(cfg: TrainConfig, asked: set[str]) -> tuple[TrainConfig, str]:
+    from flax_resnet.convert import read_config
+
+    try:
+        weights = read_config(cfg.init_from)
+    except (OSError, ValueError) as e:
+        raise RunError(f"init_from {cfg.init_from}: {e}", "init_from") from None
+    now = cfg.flat()
+    taken = {f: weights[f] for f in ARCHITECTURE_FIELDS
+             if f in weights and f not in asked and weights[f] != now[f]}
+    if not taken:
+        return cfg, ""
+    try:
+        cfg = cfg.replace(**taken)
+    except ValueError as e:
+        raise RunError(f"init_from {cfg.init_from}: its architecture does not fit: {e}",
+                       "init_from") from None
+    said = ", ".join(f"{k}={v}" for k, v in taken.items())
+    return cfg, f"architecture from init_from {cfg.init_from}: {said}"
+
+
 PREPROCESSING_FILE = "preprocessing.json"  # the run's input mean/std, and where they came from
 
 
@@ -411,6 +440,9 @@ def _run(cfg: TrainConfig, workdir: Path, options: RunOptions, asked: set[str] |
     config_path = workdir / "config.json"
     stored = _read_json(config_path) if config_path.exists() else None
     cfg, notes = resolve_config(cfg, stored, asked, workdir)
+    if stored is None and cfg.init_from and asked is not None:
+        cfg, note = _architecture_of_weights(cfg, asked)
+        notes += [note] if note else []
     if options.eval_only and stored is None:
         raise RunError(f"eval_only: no run in workdir {workdir} (no config.json)", "eval_only")
 

@@ -80,3 +80,38 @@ def test_the_command_line_names_the_flag(argv, needle, capsys, tmp_path):
     assert main([*argv, "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fields, field, says", [
+    ({"depth": 18, "groups": 32}, "groups", "groups 32 applies to bottleneck blocks only"),
+    ({"depth": 34, "width_per_group": 4}, "width_per_group", "bottleneck blocks only"),
+    ({"depth": 18, "bottleneck_stride": "1x1"}, "bottleneck_stride", "bottleneck blocks only"),
+    ({"depth": 50, "bottleneck_stride": "2x2"}, "bottleneck_stride",
+     "bottleneck_stride '2x2' is not allowed; choose from 3x3, 1x1"),
+    ({"depth": 50, "groups": 0}, "groups", "groups 0 is not allowed"),
+    ({"depth": 50, "width": 0.125, "width_per_group": 4}, "width_per_group",
+     "leaves a bottleneck without channels"),
+    ({"depth": 50, "stem": "deepest"}, "stem", "stem 'deepest' is not allowed; choose from "
+     "imagenet, cifar, deep, deep_tiered"),
+    ({"depth": 50, "stem": "deep_tiered", "stem_width": 2}, "stem_width", "stem_width 2"),
+    ({"depth": 20, "avg_down": True}, "avg_down", "needs shortcut B"),
+    ({"depth": 50, "avg_down": "yes"}, "avg_down", "avg_down 'yes' is not allowed"),
+    ({"depth": 50, "norm": "gn", "stem": "deep_tiered", "stem_width": 20}, "norm_groups",
+     "does not divide the 15 channels"),
+])
+def test_architecture_options_are_validated_by_name(fields, field, says):
+    with pytest.raises(ConfigError, match=None) as info:
+        ModelConfig(**fields)
+    assert info.value.field == field and says in str(info.value), str(info.value)
+
+
+def test_named_models_are_the_library_architectures():
+    from flax_resnet.config import named_model
+
+    wide = named_model("wide_resnet50_2")
+    assert wide.inner_widths() == (128, 256, 512, 1024) and wide.num_classes == 1000
+    d = named_model("resnet50d.ra2_in1k", num_classes=10)
+    assert (d.stem, d.stem_widths(), d.avg_down, d.num_classes) == ("deep", (32, 32, 64), True, 10)
+    assert named_model("resnet50t").stem_widths() == (24, 32, 64)
+    with pytest.raises(ConfigError, match="model name 'resnet51' is not allowed"):
+        named_model("resnet51")
