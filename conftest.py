@@ -4,7 +4,8 @@ pytest-xdist (``--dist loadfile``) hands whole files to its workers in collectio
 first two to each worker at the start; a long file started last would leave the other worker
 idle at the end. With the four longest first, paired so that each worker's first two take
 about as long (the parity matrix with the reliability runs, training parity with the
-train.py runs), the small files then fill in and the workers finish close together.
+train.py runs), then the library conversions, the small files fill in and the workers finish
+close together.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ LONGEST_FIRST = (
     "tests/test_reliability.py",
     "parity_tests/test_training_parity.py",
     "tests/test_train.py",
+    "parity_tests/test_libraries.py",
 )
 
 

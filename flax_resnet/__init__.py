@@ -10,10 +10,11 @@ import importlib
 from typing import Any
 
 _SUBMODULES = (
-    "config", "convert", "init", "models", "norms", "optim", "sharding", "trainer", "training",
+    "config", "convert", "hub", "init", "models", "namings", "norms", "optim", "sharding",
+    "trainer", "training",
 )
 _EXPORTS = {
-    "config": ("ModelConfig", "TrainConfig", "make_config"),
+    "config": ("MODEL_NAMES", "ModelConfig", "TrainConfig", "make_config", "named_model"),
     "convert": ("load",),
     "models": ("ARCHS", "DEPTHS", "SHORTCUTS", "STEMS", "BasicBlock", "BottleNeck", "ResNet",
                "ZeroPadShortcut", "create_resnet", "from_config"),

@@ -91,13 +91,15 @@ F64_RTOL = 1e-10
 # The float32 claim: err(flax32 vs torch64) <= F32_K * err(torch32 vs torch64) + F32_FLOOR
 # per tensor (gradients unit by unit, see below). Two float32 implementations that each round
 # every op correctly, in a different order, have errors of the same size, not the same value.
-# Measured over the matrix on three setups (default; XLA at AVX2 with torch on 2 threads;
-# XLA at SSE4.2): (flax32 - F32_FLOOR) / torch32 <= 2.7 for every tensor (ResNet-50
-# InstanceNorm, CIFAR stem); plain ratios reach 6.0 only at the floor (2.4e-6 against 4e-7).
-# F32_K = 4 leaves headroom for other CPUs' summation orders and is far below what a
-# float32-only slip costs (BatchNorm eps 1e-4 in the float32 model alone: 100x,
+# Measured over the matrix (``scripts/parity_report.py``): on an Intel Xeon on three setups
+# (default; XLA at AVX2 with torch on 2 threads; XLA at SSE4.2) (flax32 - F32_FLOOR) /
+# torch32 <= 2.7 for every tensor; on an AMD EPYC (AVX-512) 4.0 (ResNet-50 InstanceNorm,
+# CIFAR stem, the last block's norm-scale gradient: 8.0e-6 against 1.5e-6), which failed the
+# earlier bar of 4 by 0.1%: the summation order of a CPU, not a slip. F32_K = 6 leaves 1.5x
+# headroom over the worst CPU measured and is far below what a float32-only slip costs
+# (BatchNorm eps 1e-4 in the float32 model alone: 100x,
 # ``test_float32_slip_is_not_redecided_away``).
-F32_K = 4.0
+F32_K = 6.0
 # A tensor whose float32 error is a few ulps can come out nearly exact on one side by luck,
 # and the ratio alone would then ask for less than rounding. 2e-6 = 16 float32 ulps of the
 # tensor's largest value; measured: where torch32's error is below 1e-7, flax32's is at most

@@ -23,7 +23,23 @@ SOURCES = {
     "timm-dir": L.Case("timm", "resnet18d", dict(L.TIMM_SMALL), "dir"),
     "hf-dir": next(c for c in L.CASES if c.name == "resnet-18"),
     "timm-file": L.Case("timm", "resnet26t", dict(L.TIMM_SMALL), "file"),
+    "torchvision-file": L.Case("torchvision", "resnet18"),  # a narrow one: see _save
 }
+
+
+def _save(case: L.Case, tmp_path: Path) -> str:
+    """The case saved as its library does; torchvision's own ResNets are full size, so its
+    naming is written from a narrow torch_ref ResNet-18 instead."""
+    if case.source != "torchvision":
+        return L.save(case, L.build(case), str(tmp_path))
+    import torch_ref
+    from flax_resnet.namings import from_torch_ref
+
+    state_dict = torch_ref.create_resnet(18, width=0.125, num_classes=7).state_dict()
+    names = from_torch_ref(state_dict, "torchvision")
+    path = str(tmp_path / "resnet18_tv.pth")
+    torch.save({names[k]: v for k, v in state_dict.items()}, path)
+    return path
 
 
 def _image_folder(root: Path) -> None:
@@ -41,7 +57,7 @@ def _image_folder(root: Path) -> None:
 @pytest.mark.parametrize("source", sorted(SOURCES))
 def test_finetune_from_library_weights_and_export_back(source, jax_cache, tmp_path, capsys):
     case = SOURCES[source]
-    weights = L.save(case, L.build(case), str(tmp_path))
+    weights = _save(case, tmp_path)
     _image_folder(tmp_path / "imgs")
     workdir = tmp_path / "run"
     code = train_cli.main(["--dataset", f"folder:{tmp_path / 'imgs'}", "--init-from", weights,
@@ -65,9 +81,13 @@ def test_finetune_from_library_weights_and_export_back(source, jax_cache, tmp_pa
         assert convert.main([str(workdir), str(tmp_path / "out"), "--to", "timm"]) == 0
         back = timm.create_model("local-dir:" + str(tmp_path / "out"), pretrained=True)
         assert back.fc.out_features == 2
-    else:
+    elif case.source == "timm":
         import timm
 
         assert convert.main([str(workdir), str(tmp_path / "out.pth"), "--to", "timm"]) == 0
         back = timm.create_model(case.name, num_classes=2, **case.kwargs)
         back.load_state_dict(torch.load(tmp_path / "out.pth", weights_only=True), strict=True)
+    else:
+        assert convert.main([str(workdir), str(tmp_path / "out.pth"), "--to", "torchvision"]) == 0
+        out = torch.load(tmp_path / "out.pth", weights_only=True)
+        assert out["fc.weight"].shape == (2, 64) and "layer4.1.bn2.running_var" in out
