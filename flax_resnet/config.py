@@ -344,7 +344,7 @@ def named_model(name: str, **fields: Any) -> ModelConfig:
     ``resnext50_32x4d``, ``resnet50.a1_in1k``...), 1000 classes unless ``fields`` say
     otherwise; ``fields`` that are not None override the name's."""
     base = name.split(".", 1)[0]
-    check_choice("model", base, tuple(MODEL_NAMES), "model name")
+    check_choice("model", base, tuple(MODEL_NAMES))
     given = {k: v for k, v in fields.items() if v is not None}
     return ModelConfig(**{"num_classes": 1000, **MODEL_NAMES[base], **given})
 

@@ -21,7 +21,15 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from flax_resnet.config import RECIPES, ConfigError, ModelConfig, TrainConfig, make_config
+from flax_resnet.config import (
+    MODEL_NAMES,
+    RECIPES,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    make_config,
+    named_model,
+)
 from flax_resnet.distributed import ProcessOptions
 from flax_resnet.trainer import RunOptions
 
@@ -103,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         "1e-3, batch 100, 80 epochs, lr/3 every 20); he = He et al. CIFAR (ResNet-32, SGD "
         "0.1, lr/10 at 50%%/75%%); fast = ResNet-18, SGD Nesterov, cosine, label smoothing, "
         "30 epochs. Default study")
+    groups["model"].add_argument(
+        "--model", metavar="NAME", default=None,
+        help="a torchvision / timm architecture by name (resnet50d, resnext50_32x4d, "
+        "wide_resnet50_2, ...: flax_resnet.config.MODEL_NAMES); the model flags below "
+        "override its fields")
     for f, flag, group in _fields(TrainConfig, "optimization"):
         # None: not given, so the recipe's value (and a resumed run's stored one) holds
         _add(groups[group], f, flag, None, f"{f.metadata['help']}; {_recipe_defaults(f)}")
@@ -123,26 +136,41 @@ def _flag_message(e: ConfigError | Exception, flags: dict[str, str]) -> str:
     return text
 
 
-def run(args: argparse.Namespace) -> int:
-    """Wire the flags to ``flax_resnet.trainer.train_and_evaluate``."""
-    from flax_resnet.trainer import DivergedError, Interrupted, RunError, train_and_evaluate
-
+def _flags() -> dict[str, str]:
     flags = {f.name: flag for cls in (TrainConfig, RunOptions, ProcessOptions)
              for f, flag, _ in _fields(cls, "")}
-    flags.update(recipe="--recipe", workdir="--workdir")
+    return {**flags, "recipe": "--recipe", "workdir": "--workdir", "model": "--model"}
+
+
+def configure(args: argparse.Namespace) -> tuple[TrainConfig, RunOptions, set[str]]:
+    """(the run's config, its options, the config fields the command chose) from the flags;
+    ``UsageError`` naming the flag for a bad value."""
 
     def given(cls: type) -> dict[str, Any]:
         return {f.name: getattr(args, f.name) for f, _, _ in _fields(cls, "")}
 
     explicit = {k: v for k, v in given(TrainConfig).items() if v is not None}
     try:
+        if args.model:
+            named = named_model(args.model).to_dict()
+            fields = MODEL_NAMES[args.model.split(".", 1)[0]]
+            explicit = {**{k: named[k] for k in fields}, **explicit}
         config = make_config(args.recipe or "study", **explicit)
         options = RunOptions(**given(RunOptions))
         ProcessOptions(**given(ProcessOptions)).start()
     except (ConfigError, ValueError, TypeError) as e:
-        raise UsageError(_flag_message(e, flags)) from None
+        raise UsageError(_flag_message(e, _flags())) from None
     # A recipe fixes every field it could set; init_from only when given.
     asked = (set(config.flat()) - {"init_from"} if args.recipe else set()) | set(explicit)
+    return config, options, asked
+
+
+def run(args: argparse.Namespace) -> int:
+    """Wire the flags to ``flax_resnet.trainer.train_and_evaluate``."""
+    from flax_resnet.trainer import DivergedError, Interrupted, RunError, train_and_evaluate
+
+    flags = _flags()
+    config, options, asked = configure(args)
     try:
         train_and_evaluate(config, args.workdir, options, asked=asked)
     except DivergedError as e:

@@ -198,5 +198,5 @@ def test_model_name_fills_what_the_keys_do_not_show(tmp_path):
     decides, and the wrong choice gives other logits."""
     config = convert.infer_config(L.build(L.CASES[0]).state_dict(), model="resnext50_32x4d")
     assert (config["groups"], config["width_per_group"]) == (32, 4)
-    with pytest.raises(convert.ConversionError, match="model name 'resnet51' is not allowed"):
+    with pytest.raises(convert.ConversionError, match="model 'resnet51' is not allowed"):
         convert.infer_config({}, model="resnet51")

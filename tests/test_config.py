@@ -55,7 +55,7 @@ def test_library_errors_name_the_field_in_its_own_words(fields, field, needle):
 
 def test_every_field_is_a_flag_and_every_flag_a_field():
     parser = build_parser()
-    dests = {a.dest for a in parser._actions} - {"help", "recipe", "workdir"}
+    dests = {a.dest for a in parser._actions} - {"help", "recipe", "workdir", "model"}  # presets
     fields = {f.name for cls in (TrainConfig, RunOptions, ProcessOptions)
               for f, _, _ in _fields(cls, "")}
     no_flag = {"model", "num_classes", "in_channels"}  # the data set decides the last two
@@ -113,5 +113,16 @@ def test_named_models_are_the_library_architectures():
     d = named_model("resnet50d.ra2_in1k", num_classes=10)
     assert (d.stem, d.stem_widths(), d.avg_down, d.num_classes) == ("deep", (32, 32, 64), True, 10)
     assert named_model("resnet50t").stem_widths() == (24, 32, 64)
-    with pytest.raises(ConfigError, match="model name 'resnet51' is not allowed"):
+    with pytest.raises(ConfigError, match="model 'resnet51' is not allowed"):
         named_model("resnet51")
+
+
+def test_model_flag_takes_a_named_architecture_under_explicit_flags():
+    from flax_resnet.train_cli import configure
+
+    args = build_parser().parse_args(["--model", "resnet50d", "--width", "0.125"])
+    config, _, asked = configure(args)
+    m = config.model
+    assert (m.depth, m.stem, m.stem_width, m.avg_down, m.width) == (50, "deep", 32, True, 0.125)
+    assert {"depth", "stem", "avg_down", "width"} <= asked  # a resumed run must agree
+    assert main(["--model", "resnext50_32x4d", "--groups", "0"]) == 2
