@@ -1,31 +1,22 @@
-"""Weights between PyTorch (``torch_ref`` or torchvision naming, NCHW) and ``flax_resnet``.
+"""Weights between the PyTorch ResNets people hold and ``flax_resnet``.
 
 The Flax module tree mirrors ``torch_ref``'s, so a Flax variable path maps to a ``torch_ref``
 state_dict key by dropping the ``layers`` level of ``nnx.Sequential`` and renaming the leaf;
 only conv kernels (HWIO ↔ OIHW) and dense kernels ((in, out) ↔ (out, in)) change layout.
+Every other naming (torchvision, timm, Hugging Face) is a map from torch_ref keys:
+``flax_resnet.namings``. Other libraries' model directories and the preprocessing that
+travels with weights: ``flax_resnet.hub``.
 
-torchvision's ResNets (``torchvision.models.resnet18`` ... ``resnet152``) have the same
-structure under other names; :func:`torchvision_key` / :func:`torch_ref_key` rename one key::
+Sources: PyTorch ``.pt``/``.pth``/``.bin``/``.safetensors`` state_dicts in any naming, Hugging
+Face ``save_pretrained`` and timm ``save_for_hf`` directories, ``train.py`` run directories
+and *Flax checkpoints*: a directory holding ``state.msgpack`` (``flax.serialization.to_bytes``
+of ``nnx.to_pure_dict(nnx.state(model))``), ``config.json`` (the ``ModelConfig`` fields) and,
+when known, ``preprocessing.json``; see :func:`load`, :func:`save_flax`. The command line
+converts between them::
 
-    torchvision                       torch_ref
-    conv1.weight                      conv1.0.weight
-    bn1.*                             conv1.1.*
-    layer{i}.{j}.conv{k}.weight       conv{i+1}_x.{j}.residual_function.{3(k-1)}.weight
-    layer{i}.{j}.bn{k}.*              conv{i+1}_x.{j}.residual_function.{3(k-1)+1}.*
-    layer{i}.{j}.downsample.{n}.*     conv{i+1}_x.{j}.shortcut.{n}.*
-    fc.*                              fc.*
-
-(The ReLUs sit at indices 2 and 5 of ``residual_function``, so BasicBlock's conv2/bn2 are at
-3/4 and BottleNeck's conv2/bn2/conv3/bn3 at 3/4/6/7: one rule serves both blocks.)
-
-Files: PyTorch ``.pt``/``.pth``/``.bin``/``.safetensors`` state_dicts in either naming, and a
-*Flax checkpoint*: a directory holding ``state.msgpack`` (``flax.serialization.to_bytes`` of
-``nnx.to_pure_dict(nnx.state(model))``) and ``config.json`` (the JSON-able keyword arguments of
-``create_resnet``), see :func:`save_flax` / :func:`load_flax`. The command line converts
-between them::
-
-    python -m flax_resnet.convert resnet18.pth resnet18_flax/        # torchvision -> Flax
-    python -m flax_resnet.convert resnet18_flax/ out.safetensors --to-naming torchvision
+    python -m flax_resnet.convert resnet50d.pth r50d_flax/            # timm -> Flax
+    python -m flax_resnet.convert r50d_flax/ back.safetensors --to timm
+    python -m flax_resnet.convert ./resnet-50 hf_flax/                # Hugging Face dir -> Flax
 """
 
 from __future__ import annotations
@@ -48,7 +39,7 @@ from flax import nnx
 
 from flax_resnet import hub, namings
 from flax_resnet.config import ARCHS, bottleneck_width, infer_width, stage_widths
-from flax_resnet.namings import NAMINGS, ConversionError
+from flax_resnet.namings import NAMINGS, REF_BLOCK, ConversionError
 
 # ``python -m flax_resnet.convert``: the package imports this module before runpy runs it as
 # ``__main__``, and runpy warns about exactly that. The duplicate is harmless: the ``__main__``
@@ -89,7 +80,6 @@ def torch_key(path: tuple[Any, ...]) -> str:
     return ".".join([*names, _LEAF_TO_TORCH[leaf]])
 
 
-_REF_BLOCK = re.compile(r"conv(\d+)_x\.(\d+)\.(residual_function|shortcut)\.(\d+)\.(.+)")
 
 
 def torchvision_key(key: str) -> str:
@@ -464,7 +454,7 @@ def infer_config(
     stem_out, in_channels, kh, _ = _shape(sd["conv1.0.weight"])
     blocks: dict[int, set[int]] = {}
     for key in sd:
-        if m := _REF_BLOCK.fullmatch(key):
+        if m := REF_BLOCK.fullmatch(key):
             blocks.setdefault(int(m[1]), set()).add(int(m[2]))
     stages = sorted(blocks)
     if stages != list(range(2, 2 + len(stages))) or not stages:
@@ -979,10 +969,6 @@ LIBRARY_DIRS: tuple[str, ...] = ("hf", "timm")
 
 def _is_dir_dst(path: str) -> bool:
     return os.path.isdir(path) or path.endswith(os.sep) or not _suffix(path)
-
-
-def _is_flax_dst(path: str) -> bool:  # kept for callers of the older name
-    return _is_dir_dst(path)
 
 
 def _with_fresh_classifier(config: dict[str, Any], state_dict: Mapping[str, Any],

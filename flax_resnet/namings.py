@@ -42,7 +42,7 @@ NamingError = ConversionError
 
 
 _REF_STEM = re.compile(r"conv1\.(\d+)\.(.+)")
-_REF_BLOCK = re.compile(r"conv(\d+)_x\.(\d+)\.(residual_function|shortcut)\.(\d+)\.(.+)")
+REF_BLOCK = re.compile(r"conv(\d+)_x\.(\d+)\.(residual_function|shortcut)\.(\d+)\.(.+)")
 _TV_STEM = re.compile(r"(conv1|bn1)\.(?:(\d+)\.)?(.+)")
 _TV_BLOCK = re.compile(r"layer(\d+)\.(\d+)\.(?:(conv|bn)(\d+)|downsample\.(\d+))\.(.+)")
 _HF_STEM = re.compile(r"embedder\.embedder\.(convolution|normalization)\.(.+)")
@@ -127,7 +127,7 @@ def _to_timm(key: str, deep: bool) -> str:
         if index == last_norm:
             return f"bn1.{rest}"
         return f"conv1.{index}.{rest}" if deep else f"conv1.{rest}"
-    if m := _REF_BLOCK.fullmatch(key):
+    if m := REF_BLOCK.fullmatch(key):
         stage, block, kind, index, rest = m.groups()
         prefix = f"layer{int(stage) - 1}.{block}"
         index = int(index)
@@ -147,7 +147,7 @@ def _to_hf(key: str, deep: bool) -> str:
         if int(m[1]) < 2:
             part = ("convolution", "normalization")[int(m[1])]
             return f"{HF_PREFIX}embedder.embedder.{part}.{m[2]}"
-    if m := _REF_BLOCK.fullmatch(key):
+    if m := REF_BLOCK.fullmatch(key):
         stage, block, kind, index, rest = m.groups()
         prefix = f"{HF_PREFIX}encoder.stages.{int(stage) - 2}.layers.{block}"
         index = int(index)
