@@ -22,6 +22,7 @@ converts between them::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -904,7 +905,7 @@ def load_pretrained(
 
 
 def _parser() -> argparse.ArgumentParser:
-    from flax_resnet.config import BOTTLENECK_STRIDES, MODEL_NAMES, SHORTCUTS, STEMS
+    from flax_resnet.config import MODEL_NAMES, ModelConfig
 
     p = argparse.ArgumentParser(
         prog="python -m flax_resnet.convert",
@@ -941,29 +942,35 @@ def _parser() -> argparse.ArgumentParser:
                         + ", ".join(MODEL_NAMES))
     p.add_argument("--step", type=int,
                    help="the checkpoint step of a train.py --workdir SRC (default: the latest)")
-    p.add_argument("--depth", type=int, help="ResNet depth (inferred from the blocks per stage)")
-    p.add_argument("--norm", help="bn, ln, gn, in or rms (bn and rms are inferred)")
-    p.add_argument("--norm-groups", type=int, help="groups of norm gn (default 32)")
-    p.add_argument("--stem", choices=STEMS, help="(inferred from conv1)")
-    p.add_argument("--stem-width", type=int, help="(inferred from conv1)")
-    p.add_argument("--shortcut", choices=SHORTCUTS, help="(inferred: B if projections exist)")
-    p.add_argument("--num-classes", type=int,
-                   help="(inferred from the classifier; for weights without one, a fresh "
-                        "classifier of this size)")
-    p.add_argument("--width", type=float, help="stage width multiplier (inferred)")
-    p.add_argument("--groups", type=int, help="ResNeXt cardinality (inferred)")
-    p.add_argument("--width-per-group", type=int, help="(inferred)")
-    p.add_argument("--bottleneck-stride", choices=BOTTLENECK_STRIDES,
-                   help="the conv that carries a bottleneck's stride; the keys do not show it "
-                        "(default 3x3, torchvision's and timm's)")
-    p.add_argument("--downsample-in-first-stage", action="store_true", default=None,
-                   help="stride 2 in the first stage (the keys do not show it)")
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in _ARCH_OPTIONS:
+            continue
+        kind = str(f.type)
+        kw: dict[str, Any] = {"dest": f.name, "default": None}
+        if "bool" in kind:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = float if "float" in kind else int if "int" in kind else str
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        hint = _NOT_IN_KEYS.get(f.name, "inferred from the weights")
+        kw["help"] = f"{f.metadata['help']} ({hint})"
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return p
 
 
+# The ModelConfig fields the command line can set; the weights show all but these:
 _ARCH_OPTIONS = ("depth", "norm", "norm_groups", "stem", "stem_width", "shortcut", "num_classes",
-                 "width", "groups", "width_per_group", "bottleneck_stride",
+                 "width", "groups", "width_per_group", "avg_down", "bottleneck_stride",
                  "downsample_in_first_stage")
+_NOT_IN_KEYS = {
+    "norm": "bn and rms are inferred; ln, gn and in look alike",
+    "norm_groups": "default 32",
+    "num_classes": "inferred from the classifier; for weights without one, a fresh "
+                   "classifier of this size",
+    "bottleneck_stride": "the keys do not show it; default 3x3, torchvision's and timm's",
+    "downsample_in_first_stage": "the keys do not show it",
+}
 LIBRARY_DIRS: tuple[str, ...] = ("hf", "timm")
 
 
