@@ -352,6 +352,10 @@ def named_model(name: str, **fields: Any) -> ModelConfig:
 MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ModelConfig))
 # Model fields a training run takes from its data set, not from the config it is given.
 DATA_MODEL_FIELDS: frozenset[str] = frozenset({"num_classes", "in_channels"})
+# The fields that shape the network's layers (what pretrained weights fix): all but the
+# data's and the init's.
+ARCHITECTURE_FIELDS: tuple[str, ...] = tuple(
+    f for f in MODEL_FIELDS if f not in DATA_MODEL_FIELDS | {"init", "zero_init_residual"})
 
 # float32 and bfloat16 keep params, optimizer state and norm statistics in float32; float64
 # is float64 throughout and needs 64-bit JAX (the parity proof trains in it), so the command

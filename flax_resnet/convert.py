@@ -39,7 +39,13 @@ import numpy as np
 from flax import nnx
 
 from flax_resnet import hub, namings
-from flax_resnet.config import ARCHS, bottleneck_width, infer_width, stage_widths
+from flax_resnet.config import (
+    ARCHITECTURE_FIELDS,
+    ARCHS,
+    bottleneck_width,
+    infer_width,
+    stage_widths,
+)
 from flax_resnet.namings import NAMINGS, REF_BLOCK, ConversionError
 
 # ``python -m flax_resnet.convert``: the package imports this module before runpy runs it as
@@ -81,14 +87,9 @@ def torch_key(path: tuple[Any, ...]) -> str:
     return ".".join([*names, _LEAF_TO_TORCH[leaf]])
 
 
-
-
 def torchvision_key(key: str) -> str:
     """The torchvision name of a ``torch_ref`` key of a torchvision-shaped model."""
-    try:
-        return namings.from_torch_ref([key], "torchvision")[key]
-    except namings.NamingError as err:
-        raise ConversionError(str(err)) from None
+    return namings.from_torch_ref([key], "torchvision")[key]
 
 
 def torch_ref_key(key: str) -> str:
@@ -159,10 +160,7 @@ def model_variables(
     _check_naming(naming)
     found = [(torch_key(path), path, node) for path, node in nnx.iter_graph(model)
              if isinstance(node, (nnx.Param, nnx.BatchStat))]
-    try:
-        names = namings.from_torch_ref([k for k, _, _ in found], naming)
-    except namings.NamingError as err:
-        raise ConversionError(str(err)) from None
+    names = namings.from_torch_ref([k for k, _, _ in found], naming)
     for key, path, node in found:
         yield names[key], path, node
 
@@ -222,7 +220,7 @@ def _load(
     if missing or unexpected:
         try:
             missing = sorted(namings.from_torch_ref(targets, naming)[k] for k in missing)
-        except namings.NamingError:
+        except ConversionError:
             pass  # the model itself has no such names: say them as torch_ref's
         looks = detect_naming(list(original.values()) + foreign)
         hint = (f"; its keys look like {looks} naming, not {naming}: pass naming={looks!r} "
@@ -500,12 +498,8 @@ def infer_config(
             )
     config.setdefault("shortcut", "B" if any(".shortcut." in k for k in sd) else "A")
     config.setdefault("avg_down", any(re.search(r"\.shortcut\.2\.", k) for k in sd))
-    if "num_classes" not in config:
-        if "fc.weight" not in sd:
-            raise ConversionError(
-                "cannot infer num_classes: no 'fc.weight'; set num_classes (--num-classes)"
-            )
-        config["num_classes"] = _shape(sd["fc.weight"])[0]
+    if "num_classes" not in config:  # None: no classifier (a backbone)
+        config["num_classes"] = _shape(sd["fc.weight"])[0] if "fc.weight" in sd else None
     bottleneck = ARCHS[config["depth"]].block == "bottleneck"
 
     def out_channels(stage: int, index: int) -> int | None:
@@ -719,28 +713,16 @@ def _read_run(path: str, step: int | None = None) -> tuple[dict[str, Any], dict[
 
 
 def _read_library_dir(path: str, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(ModelConfig fields, torch_ref state_dict) of a Hugging Face or timm directory."""
+    """(ModelConfig fields, torch_ref state_dict) of a Hugging Face or timm directory: the
+    architecture from its config.json, completed and checked from its keys."""
     config_json = hub.read_json(os.path.join(path, hub.CONFIG_FILE))
-    state_dict = _read_pytorch_file(hub.weights_file(path))
-    if kind == "hf":
-        fields = hub.hf_model_fields(config_json)
-        if not any(k.startswith("classifier.") for k in state_dict):
-            fields.pop("num_classes")  # a ResNetModel / ResNetBackbone: no classifier
-        return _fill_config(state_dict, "hf", fields)
-    arch, fields = hub.timm_model_fields(config_json)
-    return _fill_config(state_dict, "timm", fields)
-
-
-def _fill_config(state_dict: Mapping[str, Any], naming: str, fields: dict[str, Any]
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The library directory's config, completed (and checked) from its keys."""
-    sd = to_torch_ref_names(state_dict, naming)
-    headless = "fc.weight" not in sd
+    sd = to_torch_ref_names(_read_pytorch_file(hub.weights_file(path)), kind)
+    fields = hub.hf_model_fields(config_json) if kind == "hf" else \
+        hub.timm_model_fields(config_json)[1]
+    if "fc.weight" not in sd:  # a ResNetModel / ResNetBackbone
+        fields.pop("num_classes", None)
     given = {k: v for k, v in fields.items() if v is not None}
-    inferred = infer_config(sd, "torch_ref", **(given | {"num_classes": 0} if headless else given))
-    if headless:
-        inferred["num_classes"] = None  # the caller chooses
-    return inferred, sd
+    return infer_config(sd, "torch_ref", **given), sd
 
 
 def read_saved(
@@ -959,10 +941,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# The ModelConfig fields the command line can set; the weights show all but these:
-_ARCH_OPTIONS = ("depth", "norm", "norm_groups", "stem", "stem_width", "shortcut", "num_classes",
-                 "width", "groups", "width_per_group", "avg_down", "bottleneck_stride",
-                 "downsample_in_first_stage")
+# The ModelConfig fields the command line can set, and those the weights do not show:
+_ARCH_OPTIONS = (*ARCHITECTURE_FIELDS, "num_classes")
 _NOT_IN_KEYS = {
     "norm": "bn and rms are inferred; ln, gn and in look alike",
     "norm_groups": "default 32",
@@ -1004,8 +984,9 @@ def convert(src: str, dst: str, *, naming: str = "auto", to_naming: str | None =
             f"unknown weight file type {_suffix(dst)!r} for {dst}; a PyTorch DST is one of "
             f"{', '.join(PYTORCH_SUFFIXES)}, a Flax DST a directory (a path without suffix)"
         )
+    num_classes = arch.pop("num_classes", None)
     if os.path.isdir(src):
-        given = sorted(k for k, v in arch.items() if v is not None and k != "num_classes")
+        given = sorted(k for k, v in arch.items() if v is not None)
         if given or model:
             flags = [*(["--model"] if model else []), *("--" + k.replace("_", "-") for k in given)]
             raise ConversionError(
@@ -1013,12 +994,7 @@ def convert(src: str, dst: str, *, naming: str = "auto", to_naming: str | None =
                 f"{', '.join(flags)} cannot apply"
             )
         config, state_dict = read_saved(src, step)
-        src_naming = hub.dir_kind(src) or "torch_ref"
-        if config.get("num_classes") is None:
-            net = _with_fresh_classifier(config, state_dict, arch.get("num_classes"), src)
-        else:
-            net = _abstract_model(config)
-            _load(net, state_dict, "torch_ref")
+        src_naming, load_naming = hub.dir_kind(src) or "torch_ref", "torch_ref"
     else:
         if step is not None:
             raise ConversionError(f"--step chooses a checkpoint of a train.py run; {src} is a file")
@@ -1028,16 +1004,16 @@ def convert(src: str, dst: str, *, naming: str = "auto", to_naming: str | None =
                 f"{', '.join(PYTORCH_SUFFIXES)}, a Flax SRC a checkpoint directory"
             )
         state_dict, src_naming = _read_any(src, naming)
-        num_classes = arch.pop("num_classes", None)
-        if "fc.weight" in to_torch_ref_names(state_dict, src_naming):
-            config = infer_config(state_dict, src_naming, model=model, num_classes=num_classes,
-                                  **arch)
-            net = _abstract_model(config)
-            _load(net, state_dict, src_naming)
-        else:
-            config = infer_config(state_dict, src_naming, model=model, num_classes=0, **arch)
-            net = _with_fresh_classifier(config, to_torch_ref_names(state_dict, src_naming),
-                                         num_classes, src)
+        load_naming = src_naming  # missing/unexpected keys are named as the file names them
+        config = infer_config(state_dict, src_naming, model=model, num_classes=num_classes,
+                              **arch)
+    if config.get("num_classes") is None or num_classes is not None and \
+            "fc.weight" not in to_torch_ref_names(state_dict, load_naming):
+        net = _with_fresh_classifier(config, to_torch_ref_names(state_dict, load_naming),
+                                     num_classes, src)
+    else:
+        net = _abstract_model(config)
+        _load(net, state_dict, load_naming)
     preprocessing = read_preprocessing(src)
     out = to_naming or src_naming
     if _is_dir_dst(dst):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from flax_resnet.config import ARCHS, MODEL_NAMES, ModelConfig, infer_width
@@ -214,7 +214,7 @@ def hf_config(cfg: ModelConfig, architecture: str = "ResNetForImageClassificatio
 
 # --- timm ------------------------------------------------------------------------------------
 
-# timm ResNet model_args -> how they read as ModelConfig fields (None: needs the name's base)
+# The timm ResNet model_args that read as ModelConfig fields (or, drop rates, do not matter)
 _TIMM_ARGS = {"num_classes", "in_chans", "channels", "stem_width", "stem_type", "cardinality",
               "base_width", "avg_down", "global_pool", "drop_rate", "drop_path_rate"}
 
@@ -290,10 +290,3 @@ def timm_config(cfg: ModelConfig, pre: Preprocessing | None) -> dict[str, Any]:
                            "classifier": "fc"},
     }
 
-
-def stats(pre: Preprocessing | None, channels: int) -> tuple[Sequence[float], Sequence[float]]:
-    """(mean, std) of ``pre`` for ``channels`` input channels."""
-    if pre is None or len(pre.mean) != channels or len(pre.std) != channels:
-        raise ConversionError(f"the weights' preprocessing {pre} does not fit {channels} "
-                              "input channels")
-    return pre.mean, pre.std

@@ -38,8 +38,6 @@ class ConversionError(ValueError):
     a naming, or a ResNet variant the library does not build."""
 
 
-NamingError = ConversionError
-
 
 _REF_STEM = re.compile(r"conv1\.(\d+)\.(.+)")
 REF_BLOCK = re.compile(r"conv(\d+)_x\.(\d+)\.(residual_function|shortcut)\.(\d+)\.(.+)")
@@ -100,10 +98,10 @@ def _is_deep(ref_keys: Iterable[str]) -> bool:
 
 def from_torch_ref(ref_keys: Iterable[str], naming: str) -> dict[str, str]:
     """{torch_ref key: its name in ``naming``} for a model's whole key set (the stem's names
-    depend on its kind). Keys the naming cannot express raise ``NamingError``."""
+    depend on its kind). Keys the naming cannot express raise ``ConversionError``."""
     ref_keys = list(ref_keys)
     if naming not in NAMINGS:
-        raise NamingError(f"unknown naming {naming!r}; allowed: {', '.join(NAMINGS)}")
+        raise ConversionError(f"unknown naming {naming!r}; allowed: {', '.join(NAMINGS)}")
     if naming == "torch_ref":
         return {k: k for k in ref_keys}
     deep = _is_deep(ref_keys)
@@ -112,7 +110,7 @@ def from_torch_ref(ref_keys: Iterable[str], naming: str) -> dict[str, str]:
         if deep or avg:
             key = "conv1.3..." if deep else avg[0]
             what = "deep stem" if deep else "avg-down shortcut"
-            raise NamingError(f"no torchvision name for {key}: torchvision's ResNets have no "
+            raise ConversionError(f"no torchvision name for {key}: torchvision's ResNets have no "
                               f"{what}; write timm naming instead")
     rename = _to_hf if naming == "hf" else _to_timm
     return {k: rename(k, deep) for k in ref_keys}
@@ -135,14 +133,14 @@ def _to_timm(key: str, deep: bool) -> str:
             return f"{prefix}.downsample.{index}.{rest}"
         if index % 3 != 2:  # 2 and 5 are ReLUs
             return f"{prefix}.{('conv', 'bn')[index % 3]}{index // 3 + 1}.{rest}"
-    raise NamingError(f"no torchvision name (nor timm's) for torch_ref key {key!r}")
+    raise ConversionError(f"no torchvision name (nor timm's) for torch_ref key {key!r}")
 
 
 def _to_hf(key: str, deep: bool) -> str:
     if key.startswith("fc."):
         return f"classifier.1.{key[3:]}"
     if deep:
-        raise NamingError("Hugging Face's ResNet has no deep stem (conv1.3...)")
+        raise ConversionError("Hugging Face's ResNet has no deep stem (conv1.3...)")
     if m := _REF_STEM.fullmatch(key):
         if int(m[1]) < 2:
             part = ("convolution", "normalization")[int(m[1])]
@@ -156,7 +154,7 @@ def _to_hf(key: str, deep: bool) -> str:
             return f"{prefix}.shortcut.{part[index]}.{rest}"
         if kind == "residual_function" and index % 3 != 2:
             return f"{prefix}.layer.{index // 3}.{part[index % 3]}.{rest}"
-    raise NamingError(f"no Hugging Face name for torch_ref key {key!r} (Hugging Face's "
+    raise ConversionError(f"no Hugging Face name for torch_ref key {key!r} (Hugging Face's "
                       "ResNet has no avg-down shortcut)")
 
 
@@ -166,7 +164,7 @@ def to_torch_ref(keys: Iterable[str], naming: str) -> tuple[dict[str, str], list
     if naming == "torch_ref":
         return {k: k for k in keys}, []
     if naming not in NAMINGS:
-        raise NamingError(f"unknown naming {naming!r}; allowed: {', '.join(NAMINGS)}")
+        raise ConversionError(f"unknown naming {naming!r}; allowed: {', '.join(NAMINGS)}")
     out, unknown = {}, []
     deep = any(k.startswith("conv1.3.") for k in keys)
     for key in keys:

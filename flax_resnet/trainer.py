@@ -30,7 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flax_resnet.config import DATA_MODEL_FIELDS, ConfigError, TrainConfig, option
+from flax_resnet.config import (
+    ARCHITECTURE_FIELDS,
+    DATA_MODEL_FIELDS,
+    ConfigError,
+    TrainConfig,
+    option,
+)
 from flax_resnet.safety import dumps, write_text_atomic
 
 # Fields a resumed run may change (anything else that differs from the stored config.json
@@ -309,15 +315,8 @@ def _flip_note(result: dict[str, float]) -> str:
     return f" (flip TTA {100 * result['acc_flip']:.2f}%)" if "acc_flip" in result else ""
 
 
-# The fields of a model's architecture: a run started from weights takes those it was not
-# told from the weights (init scheme, zero_init_residual and the data's fields stay its own).
-ARCHITECTURE_FIELDS: tuple[str, ...] = (
-    "depth", "norm", "stem", "width", "shortcut", "norm_groups", "groups", "width_per_group",
-    "stem_width", "avg_down", "bottleneck_stride", "downsample_in_first_stage",
-)
-
-
 def _architecture_of_weights(cfg: TrainConfig, asked: set[str]) -> tuple[TrainConfig, str]:
+    """``cfg`` with the architecture fields it was not told taken from its init_from."""
     from flax_resnet.convert import read_config
 
     try:
