@@ -10,16 +10,17 @@ import importlib
 from typing import Any
 
 _SUBMODULES = (
-    "config", "convert", "hub", "init", "models", "namings", "norms", "optim", "sharding",
-    "trainer", "training",
+    "architecture", "batches", "config", "convert", "data", "init", "library_configs",
+    "models", "namings", "norms", "optim", "preprocessing", "program", "sharding",
+    "state_dict", "trainer", "training", "weights", "workdir", "writers",
 )
 _EXPORTS = {
     "config": ("MODEL_NAMES", "ModelConfig", "TrainConfig", "make_config", "named_model"),
-    "convert": ("load",),
     "models": ("ARCHS", "DEPTHS", "SHORTCUTS", "STEMS", "BasicBlock", "BottleNeck", "ResNet",
                "ZeroPadShortcut", "create_resnet", "from_config"),
     "norms": ("NORMS", "BatchNorm2d", "GroupNorm", "InstanceNorm2d", "LayerNorm", "RMSNorm",
               "RMSNorm2d", "make_norm"),
+    "weights": ("Weights", "load", "resolve"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

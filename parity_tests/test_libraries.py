@@ -75,7 +75,7 @@ def test_library_model_converts_with_parity_and_goes_back(case, tmp_path):
     assert not result.failures(), f"{case.label}: {result.failures()}"
     names = set(result.f64)
     assert {"logits", "stem", "stage1", "stage4"} <= names, names
-    assert convert.read_preprocessing(flax_dir) is not None  # the metadata travelled
+    assert convert.resolve(flax_dir).preprocessing is not None  # the metadata travelled
     _export_and_reload(case, flax_dir, model, str(tmp_path))
 
 
@@ -106,7 +106,7 @@ def test_timm_metadata_and_hf_preprocessor_travel(tmp_path):
 
     case = L.Case("timm", "resnet18d", dict(L.TIMM_SMALL), "dir")
     src = L.save(case, L.build(case), str(tmp_path))
-    pre = convert.read_preprocessing(src)
+    pre = convert.resolve(src).preprocessing
     expected = timm.create_model("resnet18d").pretrained_cfg
     assert pre.mean == tuple(expected["mean"]) and pre.interpolation == expected["interpolation"]
     _cli(src, tmp_path / "flax")
@@ -118,13 +118,13 @@ def test_timm_metadata_and_hf_preprocessor_travel(tmp_path):
     # and written out with the export
     hf = next(c for c in L.CASES if c.name == "resnet-18")
     hf_src = L.save(hf, L.build(hf), str(tmp_path))
-    assert "assumed" in convert.read_preprocessing(hf_src).source
+    assert "assumed" in convert.resolve(hf_src).preprocessing.source
     _cli(hf_src, tmp_path / "hf_out", "--to", "hf")
     written = json.loads((tmp_path / "hf_out" / "preprocessor_config.json").read_text())
     assert written["image_mean"] == [0.485, 0.456, 0.406]
     # a bare torchvision state_dict: torchvision's ImageNet constants, said to be assumed
     torch.save(L.build(L.CASES[0]).state_dict(), tmp_path / "tv.pth")
-    pre = convert.read_preprocessing(tmp_path / "tv.pth")
+    pre = convert.resolve(tmp_path / "tv.pth").preprocessing
     assert pre.std == (0.229, 0.224, 0.225) and "assumed" in pre.source
 
 

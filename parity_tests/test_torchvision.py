@@ -214,7 +214,7 @@ def test_flax_checkpoint_round_trip(tmp_path):
     C.save_flax(model, config, tmp_path / "ckpt")
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary left behind
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text()) == config
-    loaded, loaded_config = C.load_flax(tmp_path / "ckpt")
+    loaded, loaded_config = C.load(tmp_path / "ckpt")
     assert loaded_config == config
     a, b = C.to_numpy_state_dict(model), C.to_numpy_state_dict(loaded)
     assert sorted(a) == sorted(b)
@@ -300,7 +300,7 @@ def test_cli_torchvision_to_flax_to_safetensors(tmp_path):
     config = json.loads((tmp_path / "resnet18_flax" / "config.json").read_text())
     assert config == dict(depth=18, norm="bn", stem="imagenet", shortcut="B", num_classes=1000,
                           width=1.0, in_channels=3)
-    model, _ = C.load_flax(tmp_path / "resnet18_flax")
+    model, _ = C.load(tmp_path / "resnet18_flax")
     model.eval()
     x = images(32)
     assert_close(flax_logits(model, x), torch_logits(tv, x))
@@ -386,7 +386,7 @@ def test_bf16_param_dtype_load_and_checkpoint(tmp_path):
     assert model.conv1.layers[0].kernel[...].dtype == jnp.bfloat16
     C.save_flax(model, dict(depth=18, num_classes=1000, param_dtype=jnp.bfloat16),
                 tmp_path / "bf16")
-    loaded, config = C.load_flax(tmp_path / "bf16")
+    loaded, config = C.load(tmp_path / "bf16")
     assert config["param_dtype"] == "bfloat16"
     assert isinstance(loaded.fc.kernel[...], jax.Array)
     assert loaded.fc.kernel[...].dtype == jnp.bfloat16

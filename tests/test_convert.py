@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +16,13 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.torch import load_file as load_safetensors_torch
+from safetensors.torch import save_file as save_safetensors_torch
 
 import flax_resnet
 import torch_ref
-from flax_resnet import convert
+from flax_resnet import convert, namings, weights
 from flax_resnet.convert import ConversionError
+from parity_tests import libraries as L
 from parity_tests.harness import (
     LOGIT_RTOL,
     Config,
@@ -26,6 +32,8 @@ from parity_tests.harness import (
     nhwc,
     rel_err,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Small models covering: both blocks, both stems, both shortcuts, every norm's parameters.
 ROUND_TRIP = [
@@ -104,7 +112,7 @@ def test_safetensors_file_loads_into_torch_ref_strictly_with_same_logits(cfg, tm
     assert rel_err(y_flax, y_torch) <= LOGIT_RTOL
     # The file also loads back into Flax bit-exactly.
     back = flax_resnet.from_config(cfg.model, rngs=nnx.Rngs(5))
-    convert.load_torch_checkpoint(back, path)
+    convert.resolve(path).load_into(back)
     assert_bit_exact(model, back)
 
 
@@ -142,7 +150,7 @@ def test_unknown_file_suffix_raises(tmp_path, name):
     path.write_bytes(b"not a checkpoint")
     model = flax_resnet.create_resnet(20, width=0.5, rngs=nnx.Rngs(0))
     with pytest.raises(ConversionError) as info:
-        convert.load_torch_checkpoint(model, path)
+        convert.load_pretrained(model, path)
     msg = str(info.value)
     assert repr(os.path.splitext(name)[1]) in msg and ".safetensors" in msg and ".pt" in msg
 
@@ -152,7 +160,7 @@ def test_pt_file_without_a_state_dict_raises(tmp_path):
     torch.save(torch.zeros(3), path)
     model = flax_resnet.create_resnet(20, width=0.5, rngs=nnx.Rngs(0))
     with pytest.raises(ConversionError, match="Tensor"):
-        convert.load_torch_checkpoint(model, path)
+        convert.load_pretrained(model, path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -199,7 +207,7 @@ def test_missing_and_unexpected_keys_are_both_named(pair):
 
 
 def test_every_loader_detects_the_naming(pair, tmp_path):
-    """``load_torch_state_dict``, ``load_torch_checkpoint`` and ``load_pretrained`` all take a
+    """``load_torch_state_dict``, ``Weights.load_into`` and ``load_pretrained`` all take a
     torchvision-named state_dict without being told (``naming="auto"`` is the default)."""
     model, state_dict = pair
     torchvision_sd = {convert.torchvision_key(k): v for k, v in state_dict.items()}
@@ -207,7 +215,7 @@ def test_every_loader_detects_the_naming(pair, tmp_path):
     path = tmp_path / "tv.pt"
     torch.save(torchvision_sd, path)
     for load in (lambda m: convert.load_torch_state_dict(m, torchvision_sd),
-                 lambda m: convert.load_torch_checkpoint(m, path),
+                 lambda m: convert.resolve(path).load_into(m),
                  lambda m: convert.load_pretrained(m, path)):
         fresh = nnx.clone(model)
         load(fresh)
@@ -228,7 +236,7 @@ def test_pretrained_with_another_classifier_size_warns(tmp_path, caplog):
     torch.save(build_torch(cfg).state_dict(), path)
     model = flax_resnet.create_resnet(18, width=cfg.resolved_width, num_classes=10,
                                       rngs=nnx.Rngs(0))
-    with caplog.at_level("WARNING", logger="flax_resnet.convert"):
+    with caplog.at_level("WARNING", logger="flax_resnet.weights"):
         convert.load_pretrained(model, path)
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert warnings and "10 classes" in warnings[0].getMessage()
@@ -275,6 +283,223 @@ def test_bfloat16_params_round_trip(tmp_path):
     convert.load_torch_state_dict(other, sd)
     assert_bit_exact(model, other)
     assert jax.tree.leaves(nnx.state(other, nnx.Param))[0].dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------
+# resolve: every source into one Weights, each file read once
+
+
+def _counted(monkeypatch, owner, name: str) -> list:
+    """Record every call of ``owner.name`` (still made) in the returned list."""
+    calls, original = [], getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+def _use_every_part(w: weights.Weights) -> None:
+    """What the converter, load, load_pretrained and train.py --init-from ask of Weights."""
+    w.model_config()
+    w.build()
+    w.build(num_classes=3, rngs=nnx.Rngs(1))
+    w.load_into(w.build())
+    assert w.preprocessing is None or w.preprocessing.mean
+
+
+SMALL = dict(num_classes=7)
+FILES = {  # naming -> (torch_ref architecture, file suffix)
+    "torch_ref": (dict(depth=20, stem="cifar", width=0.5), ".safetensors"),
+    "torchvision": (dict(depth=18, width=0.125), ".pth"),
+    "timm": (dict(depth=26, stem="deep", avg_down=True, width=0.125), ".pt"),
+    "hf": (dict(depth=18, width=0.125), ".bin"),
+}
+
+
+@pytest.mark.parametrize("naming", sorted(FILES))
+def test_resolve_reads_a_state_dict_file_of_each_naming_once(naming, tmp_path, monkeypatch):
+    fields, suffix = FILES[naming]
+    reference = torch_ref.create_resnet(**fields, **SMALL).state_dict()
+    names = namings.from_torch_ref(reference, naming)
+    stored = {names[k]: v for k, v in reference.items()}
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_safetensors_torch(stored, path)
+    else:
+        torch.save(stored, path)
+    reads = _counted(monkeypatch, weights, "read_state_dict")
+    w = weights.resolve(path)
+    assert (w.kind, w.naming, w.source, w.step) == ("file", naming, str(path), None)
+    assert w.description == f"{naming}-named state_dict {path}"
+    assert w.model_config() == flax_resnet.ModelConfig(**fields, **SMALL)
+    assert set(w.state_dict) == set(reference)
+    for key, value in reference.items():
+        np.testing.assert_array_equal(w.state_dict[key], value.numpy(), err_msg=key)
+    if naming == "torch_ref":
+        assert w.preprocessing is None
+    else:
+        assert w.preprocessing.mean == (0.485, 0.456, 0.406)
+        assert "assumed" in w.preprocessing.source and str(path) in w.preprocessing.source
+    _use_every_part(w)
+    assert len(reads) == 1
+
+
+def test_weights_are_immutable(tmp_path):
+    torch.save(torch_ref.create_resnet(18, width=0.125, **SMALL).state_dict(), tmp_path / "w.pt")
+    w = weights.resolve(tmp_path / "w.pt")
+    with pytest.raises(TypeError):
+        w.state_dict["fc.bias"] = np.zeros(7, np.float32)
+    with pytest.raises(ValueError, match="read-only"):
+        w.state_dict["fc.bias"][0] = 1.0
+    with pytest.raises(TypeError):
+        w.config["depth"] = 34
+    with pytest.raises(AttributeError):
+        w.source = "elsewhere"
+
+
+LIBRARY_DIRS = {
+    "hf": (next(c for c in L.CASES if c.name == "resnet-18"),
+           dict(depth=18, width=0.125, stem="imagenet")),
+    "timm": (L.Case("timm", "resnet18d", dict(L.TIMM_SMALL), "dir"),
+             dict(depth=18, width=0.125, stem="deep", avg_down=True, stem_width=8)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LIBRARY_DIRS))
+def test_resolve_reads_a_library_directory_once(kind, tmp_path, monkeypatch):
+    case, fields = LIBRARY_DIRS[kind]
+    original = L.build(case)
+    src = L.save(case, original, str(tmp_path))
+    reads = _counted(monkeypatch, weights, "read_state_dict")
+    json_reads = _counted(monkeypatch, weights, "read_json")
+    w = weights.resolve(src)
+    assert (w.kind, w.naming, w.source) == (kind, kind, src)
+    assert w.description == f"{'Hugging Face' if kind == 'hf' else 'timm'} directory {src}"
+    assert w.model_config() == flax_resnet.ModelConfig(**fields, num_classes=L.NUM_CLASSES)
+    theirs = original.state_dict()
+    assert {w.source_keys.get(k, k) for k in w.state_dict} == set(theirs)
+    for key, value in w.state_dict.items():
+        np.testing.assert_array_equal(value, theirs[w.source_keys.get(key, key)].numpy())
+    if kind == "timm":
+        assert w.preprocessing.interpolation == original.pretrained_cfg["interpolation"]
+        assert "pretrained_cfg" in w.preprocessing.source
+    else:  # save_pretrained writes no preprocessor_config.json
+        assert "assumed" in w.preprocessing.source
+    _use_every_part(w)
+    assert len(reads) == 1 and len(json_reads) == 1
+
+
+def test_resolve_reads_a_flax_checkpoint_once(tmp_path, monkeypatch):
+    import flax.serialization
+
+    from flax_resnet.preprocessing import imagenet
+
+    config = dict(depth=18, width=0.125, num_classes=5, param_dtype="bfloat16")
+    model = flax_resnet.create_resnet(18, width=0.125, num_classes=5,
+                                      param_dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+    pre = imagenet("the test's")
+    convert.save_flax(model, config, tmp_path / "flax", pre)
+    reads = _counted(monkeypatch, flax.serialization, "msgpack_restore")
+    w = weights.resolve(tmp_path / "flax")
+    assert (w.kind, w.naming, w.description) == ("flax", "torch_ref",
+                                                 f"Flax checkpoint {tmp_path / 'flax'}")
+    assert dict(w.config) == dict(depth=18, width=0.125, num_classes=5)
+    assert dict(w.dtypes) == {"param_dtype": "bfloat16"}
+    assert w.preprocessing == pre
+    expected = convert.to_numpy_state_dict(model)
+    assert set(w.state_dict) == set(expected)
+    for key, value in expected.items():
+        assert w.state_dict[key].dtype == value.dtype
+        np.testing.assert_array_equal(w.state_dict[key], value, err_msg=key)
+    assert w.build().fc.kernel[...].dtype == jnp.bfloat16  # the saved dtype
+    _use_every_part(w)
+    assert len(reads) == 1
+
+
+def test_weights_whose_keys_do_not_show_the_norm_still_load_into_a_model(tmp_path):
+    """A GroupNorm file has no running statistics: its config needs norm=, but a model built
+    elsewhere takes its weights."""
+    torch_model = torch_ref.create_resnet(20, width=0.5, norm="gn", norm_groups=4)
+    torch.save(torch_model.state_dict(), tmp_path / "gn.pt")
+    w = weights.resolve(tmp_path / "gn.pt")
+    with pytest.raises(ConversionError, match=r"gn\.pt: cannot infer the norm"):
+        w.config  # noqa: B018
+    model = flax_resnet.create_resnet(20, width=0.5, norm="gn", norm_groups=4, rngs=nnx.Rngs(0))
+    assert w.load_into(model) == []
+    got = convert.to_numpy_state_dict(model)
+    for key, value in torch_model.state_dict().items():
+        np.testing.assert_array_equal(got[key], value.numpy(), err_msg=key)
+    told = weights.resolve(tmp_path / "gn.pt", norm="gn", norm_groups=4)
+    assert told.model_config() == flax_resnet.ModelConfig(20, "gn", width=0.5, norm_groups=4)
+
+
+def test_a_headless_file_takes_num_classes_and_a_fresh_classifier(tmp_path):
+    state_dict = torch_ref.create_resnet(18, width=0.125, **SMALL).state_dict()
+    torch.save({k: v for k, v in state_dict.items() if not k.startswith("fc.")},
+               tmp_path / "bb.pt")
+    w = weights.resolve(tmp_path / "bb.pt")
+    assert w.config["num_classes"] is None and w.classifier_size is None
+    with pytest.raises(ConversionError, match="backbone without a classifier"):
+        w.build()
+    assert w.build(num_classes=4).fc.kernel.shape == (64, 4)
+    assert weights.resolve(tmp_path / "bb.pt", num_classes=4).build().fc.kernel.shape == (64, 4)
+    torch.save(state_dict, tmp_path / "full.pt")
+    with pytest.raises(ConversionError, match="num_classes=4, but the classifier of .* has 7"):
+        weights.resolve(tmp_path / "full.pt", num_classes=4).config  # noqa: B018
+
+
+def test_resolve_errors_name_the_source_and_what_is_wrong(tmp_path):
+    torch.save(torch_ref.create_resnet(18, width=0.125, **SMALL).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(ConversionError, match=r"no such file or directory: .*nothing\.pt"):
+        weights.resolve(tmp_path / "nothing.pt")
+    with pytest.raises(ConversionError, match=r"step 3 chooses a checkpoint of a train\.py run; "
+                                              r".*w\.pt is a state_dict file"):
+        weights.resolve(tmp_path / "w.pt", step=3)
+    convert.main([str(tmp_path / "w.pt"), str(tmp_path / "flax")])
+    with pytest.raises(weights.FixedArchitectureError, match="model, depth cannot apply") as info:
+        weights.resolve(tmp_path / "flax", model="resnet34", depth=34)
+    assert info.value.fields == ["model", "depth"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match="empty is neither a Flax checkpoint"):
+        weights.resolve(tmp_path / "empty")
+
+
+def test_a_run_directory_with_a_flat_config_is_refused(tmp_path):
+    """Runs store ``{"model": {...}, ...}``; the flat form predates the first release."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text('{"depth": 18, "num_classes": 10}')
+    with pytest.raises(ConversionError, match='config.json has no "model" section'):
+        weights.resolve(tmp_path / "run")
+
+
+def test_importing_the_converter_changes_no_global_state():
+    """No warning filter and no logger level is set by importing any of its modules."""
+    code = """if True:
+        import json, logging, warnings
+        import jax, numpy, flax.nnx, flax.serialization  # their own import-time setup first
+        def snapshot():
+            levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items()
+                      if isinstance(lg, logging.Logger)}
+            return [repr(f) for f in warnings.filters], {**levels, "": logging.root.level}
+        before = snapshot()
+        import flax_resnet
+        for name in ("convert", "convert_cli", "weights", "state_dict", "architecture",
+                     "writers", "library_configs", "preprocessing", "namings"):
+            __import__("flax_resnet." + name)
+        after = snapshot()
+        print(json.dumps({"filters": before[0] == after[0],
+                          "levels": {k: (before[1].get(k), v) for k, v in after[1].items()
+                                     if before[1].get(k, logging.NOTSET) != v}}))
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    changed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert changed == {"filters": True, "levels": {}}, changed
 
 
 # ------------------------------------------------------------------------------------------
@@ -339,12 +564,6 @@ def test_groups_that_do_not_divide_list_the_valid_ones(package, factory):
     # width 1/8: stage widths 8, 16, 32, 64 -> common divisors 1, 2, 4, 8
     with pytest.raises(ValueError, match=r"choose a common divisor: 1, 2, 4, 8$"):
         factory(norm="gn", norm_groups=16, width=0.125)
-
-
-@pytest.mark.parametrize("package,factory", _factories(), ids=["flax", "torch"])
-def test_the_study_init_has_its_old_name_too(package, factory):
-    """Runs written before the study's init was called ``study`` said ``seed``."""
-    factory(init="seed", width=0.125)
 
 
 @pytest.mark.parametrize("package,factory", _factories(), ids=["flax", "torch"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 import torch_ref
 import torch_ref.models
 import torch_ref.norms
@@ -45,10 +47,16 @@ def test_schedules_and_optimizers_use_the_same_names():
     assert tuple(torch_ref.training.OPTIMIZER_BUILDERS) == config.OPTIMIZERS
 
 
-def test_runs_written_with_the_old_study_names_still_read():
-    """Before "study", the study's recipe, schedule and init were called "seed"."""
-    from flax_resnet.config import TrainConfig, make_config
-
-    cfg = TrainConfig.from_dict({"schedule": "seed", "init": "seed"})
-    assert (cfg.schedule, cfg.model.init) == ("study", "study")
-    assert make_config("seed") == make_config("study")
+@pytest.mark.parametrize("build,needle", [
+    (lambda: config.make_config("seed"), "recipe 'seed' is not allowed; choose from study"),
+    (lambda: config.make_config(init="seed"), "init scheme 'seed' is not allowed; choose from"),
+    (lambda: config.make_config(schedule="seed"), "schedule 'seed' is not allowed; choose from"),
+    (lambda: config.TrainConfig.from_dict({"model": {"init": "seed"}}), "init scheme 'seed'"),
+    (lambda: config.TrainConfig.from_dict({"model": {}, "schedule": "seed"}),
+     "schedule 'seed' is not allowed"),
+])
+def test_the_study_is_called_study_only(build, needle):
+    """"seed", the study's name before the first release, names no recipe, init or schedule."""
+    with pytest.raises(config.ConfigError, match=needle) as e:
+        build()
+    assert "study" in str(e.value)

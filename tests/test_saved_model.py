@@ -1,10 +1,13 @@
 """A train.py run directory is a model: the converter, ``load``, ``load_pretrained`` and
-``train.py --init-from`` read it (latest or a named step) through the reader the converter's
-own Flax checkpoint directories use, and the exported file is the trained model in PyTorch."""
+``train.py --init-from`` read it (latest or a named step) through ``weights.resolve``, as
+every other source, and the exported file is the trained model in PyTorch."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +20,11 @@ from flax import nnx
 
 import flax_resnet
 import torch_ref
-from flax_resnet import convert
+from flax_resnet import convert, weights
 from flax_resnet.checkpoint import Checkpointer
+from flax_resnet.config import ModelConfig
 from flax_resnet.data import synthetic_dataset
+from flax_resnet.preprocessing import Preprocessing
 from parity_tests.harness import LOGIT_RTOL, rel_err
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,7 +115,51 @@ def test_load_pretrained_and_init_from_take_the_run(run_dir, tmp_path):
     r = _python("train.py", *RUN, "--workdir", str(second), "--init-from", str(run_dir),
                 "--stop-after-steps", "1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"initialised from {run_dir}" in r.stdout
+    assert re.search(rf"initialised from .*{re.escape(str(run_dir))}\b", r.stdout), r.stdout
+
+
+def _fc_weight(w: weights.Weights) -> np.ndarray:
+    return np.asarray(w.state_dict["fc.weight"])
+
+
+def test_resolve_reads_the_run_once_at_its_latest_or_named_step(run_dir, monkeypatch):
+    with Checkpointer(run_dir / "checkpoints", read_only=True) as ckpt:
+        steps = ckpt.all_steps()
+        state, _ = ckpt.restore_raw()
+    reads = []
+    restore_raw = Checkpointer.restore_raw
+    monkeypatch.setattr(Checkpointer, "restore_raw",
+                        lambda self, *a, **k: reads.append(a) or restore_raw(self, *a, **k))
+    latest = weights.resolve(run_dir)
+    assert (latest.kind, latest.naming, latest.step) == ("run", "torch_ref", max(steps))
+    assert latest.description == f"train.py run {run_dir}, step {max(steps)}"
+    run_config = json.loads((run_dir / "config.json").read_text())
+    assert latest.model_config() == ModelConfig.from_dict(run_config["model"])
+    assert latest.config["num_classes"] == 10
+    recorded = json.loads((run_dir / "preprocessing.json").read_text())
+    assert latest.preprocessing == Preprocessing.from_dict(recorded)
+    kernel = np.asarray(state["params"]["fc"]["kernel"]["value"])
+    np.testing.assert_array_equal(_fc_weight(latest), kernel.T)
+    assert set(latest.state_dict) == set(convert.to_numpy_state_dict(latest.build()))
+    first = weights.resolve(run_dir, step=1)
+    assert first.step == 1 and first.description.endswith(", step 1")
+    assert not np.array_equal(_fc_weight(first), _fc_weight(latest))
+    latest.load_into(first.build())
+    assert len(reads) == 2
+
+
+def test_resolve_reads_a_run_whose_optimizer_state_has_another_structure(run_dir, tmp_path):
+    """What an optax upgrade does to a run: only params and batch statistics are read."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    with Checkpointer(run / "checkpoints") as ckpt:
+        step = ckpt.latest_step()
+        state, meta = ckpt.restore_raw(step)
+        state["opt_state"] = {"before": state["opt_state"], "new_leaf": np.zeros(3, np.float32)}
+        ckpt.save(step + 1, state, meta)
+    w = weights.resolve(run)
+    assert w.step == step + 1
+    np.testing.assert_array_equal(_fc_weight(w), _fc_weight(weights.resolve(run_dir)))
 
 
 def test_a_directory_that_is_neither_says_what_it_needs(tmp_path):

@@ -1,136 +1,38 @@
-"""Other libraries' model directories and the preprocessing that travels with weights.
+"""Hugging Face and timm model directories' ``config.json`` as ``ModelConfig`` fields, both ways.
 
 A Hugging Face transformers directory (``save_pretrained``: ``config.json`` with
 ``model_type: resnet``, ``model.safetensors`` or ``pytorch_model.bin``, optionally
 ``preprocessor_config.json``) and a timm hub directory (``timm.models.save_for_hf``:
 ``config.json`` with ``architecture``, ``model_args`` and ``pretrained_cfg``, and the
-weights) are described here as ``ModelConfig`` fields and ``Preprocessing``, both ways.
-Reading and writing the tensors is ``flax_resnet.convert``'s. Free of JAX and torch.
+weights). What flax_resnet does not build, or the library cannot express, is refused by
+field. Reading the directories: ``flax_resnet.weights``; writing them:
+``flax_resnet.writers``. Free of JAX, torch and file I/O.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 from flax_resnet.config import ARCHS, MODEL_NAMES, ModelConfig, infer_width
 from flax_resnet.namings import ConversionError
+from flax_resnet.preprocessing import Preprocessing, to_timm_cfg
 
 CONFIG_FILE = "config.json"
 HF_PREPROCESSOR_FILE = "preprocessor_config.json"
 WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# PIL's resampling codes, as Hugging Face's image processors store them.
-_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+LIBRARY_DIRS: tuple[str, ...] = ("hf", "timm")
 
 
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """How the weights expect their inputs: ``(x / 255 - mean) / std`` per channel, at
-    ``input_size`` (C, H, W) after resizing with ``interpolation`` and a ``crop_pct`` center
-    crop; ``source`` says where this came from."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    input_size: tuple[int, ...] | None = None
-    interpolation: str | None = None
-    crop_pct: float | None = None
-    source: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        for key in ("mean", "std", "input_size"):
-            if d.get(key) is not None:
-                d[key] = tuple(d[key])
-        return cls(**d)
-
-
-def imagenet(source: str) -> Preprocessing:
-    """torchvision's ImageNet preprocessing (mean/std, 224 after a 256 resize, bilinear)."""
-    return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224), "bilinear", 0.875, source)
-
-
-def from_timm_cfg(cfg: Mapping[str, Any], source: str) -> Preprocessing:
-    """From timm's ``pretrained_cfg``."""
-    return Preprocessing(
-        tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)),
-        tuple(cfg["input_size"]) if cfg.get("input_size") else None,
-        cfg.get("interpolation"), cfg.get("crop_pct"), source)
-
-
-def to_timm_cfg(pre: Preprocessing) -> dict[str, Any]:
-    out: dict[str, Any] = {"mean": list(pre.mean), "std": list(pre.std)}
-    if pre.input_size:
-        out["input_size"] = list(pre.input_size)
-    if pre.interpolation:
-        out["interpolation"] = pre.interpolation
-    if pre.crop_pct:
-        out["crop_pct"] = pre.crop_pct
-    return out
-
-
-def from_hf_preprocessor(d: Mapping[str, Any], source: str) -> Preprocessing:
-    """From a Hugging Face ``preprocessor_config.json``."""
-    size = d.get("size") or {}
-    side = size.get("shortest_edge") or size.get("height") if isinstance(size, Mapping) else size
-    channels = len(d.get("image_mean") or IMAGENET_MEAN)
-    return Preprocessing(
-        tuple(d.get("image_mean") or IMAGENET_MEAN), tuple(d.get("image_std") or IMAGENET_STD),
-        (channels, int(side), int(side)) if side else None,
-        _PIL_RESAMPLE.get(d.get("resample")), d.get("crop_pct"), source)
-
-
-def to_hf_preprocessor(pre: Preprocessing) -> dict[str, Any]:
-    resample = {v: k for k, v in _PIL_RESAMPLE.items()}.get(pre.interpolation or "", 2)
-    side = pre.input_size[-1] if pre.input_size else 224
-    return {
-        "image_processor_type": "ConvNextImageProcessor", "do_resize": True,
-        "size": {"shortest_edge": side}, "crop_pct": pre.crop_pct or 0.875,
-        "resample": resample, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": list(pre.mean), "image_std": list(pre.std),
-    }
-
-
-def read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise ConversionError(f"cannot read {path}: {err}") from None
-
-
-def dir_kind(path: str) -> str | None:
-    """``hf`` or ``timm`` for such a model directory, else None."""
-    config_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(config_path):
+def library_of(config_json: object) -> str | None:
+    """``hf`` or ``timm`` for the parsed ``config.json`` of such a model directory, else None."""
+    if not isinstance(config_json, dict):
         return None
-    config = read_json(config_path)
-    if not isinstance(config, dict):
-        return None
-    if "model_type" in config:
+    if "model_type" in config_json:
         return "hf"
-    if "architecture" in config:
+    if "architecture" in config_json:
         return "timm"
     return None
-
-
-def weights_file(path: str) -> str:
-    for name in WEIGHT_FILES:
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    raise ConversionError(f"{path} holds no weights: none of {', '.join(WEIGHT_FILES)} "
-                          "(a sharded checkpoint is not supported)")
 
 
 # --- Hugging Face transformers ------------------------------------------------------------
