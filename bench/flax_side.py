@@ -38,30 +38,25 @@ def set_bn_variance(kind: str) -> None:
         raise ValueError(f"bn variance must be auto or twopass, got {kind!r}")
 
 
-def build_step(train_cfg: dict[str, Any], num_classes: int, steps_per_epoch: int):
-    """(step, state, metrics, mesh): the product's jitted step and its placed inputs.
+def build_step(train_cfg: dict[str, Any], num_classes: int, steps_per_epoch: int,
+               image_size: int):
+    """(step, state, metrics, mesh): the product's jitted step (``program.build_program``'s)
+    and its placed inputs.
 
     ``step(state, metrics, images_u8, labels) -> (state, metrics)``, both donated.
     """
-    import jax
-
     from flax_resnet import data as data_lib
-    from flax_resnet import training as T
     from flax_resnet.config import TrainConfig
-    from flax_resnet.optim import make_optimizer
-    from flax_resnet.sharding import make_mesh, replicate
+    from flax_resnet.program import DataSpec, build_program
+    from flax_resnet.sharding import make_mesh
 
     cfg = TrainConfig.from_dict(train_cfg)
+    cfg = cfg.replace(num_classes=num_classes)
     mesh = make_mesh()
-    model = T.create_model(cfg, num_classes)
-    tx = make_optimizer(cfg, steps_per_epoch)
-    defs, state = T.init_train_state(model, tx, cfg.seed)
-    state = replicate(jax.device_get(state), mesh)
-    metrics = replicate(jax.device_get(T.zero_metrics()), mesh)
-    step = T.make_train_step(
-        defs.train, tx, cfg, data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD, mesh
-    )
-    return step, state, metrics, mesh
+    image_shape = (image_size, image_size, 3)
+    spec = DataSpec(steps_per_epoch, image_shape, data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD)
+    program, state = build_program(cfg, mesh, spec)
+    return program.train_step, state, program.zero_metrics(), mesh
 
 
 def _roofline(hlo_text: str, precision: str, tf32: bool) -> dict[str, Any]:
@@ -160,7 +155,8 @@ def run_job(
     # JAX's default fp32 precision on GPU lets convs/matmuls use TF32; "highest" forbids it.
     jax.config.update("jax_default_matmul_precision", None if tf32 else "highest")
     set_bn_variance(bn_variance)
-    step, state, metrics, mesh = build_step(train_cfg, cfg.num_classes, steps_per_epoch)
+    step, state, metrics, mesh = build_step(train_cfg, cfg.num_classes, steps_per_epoch,
+                                            cfg.image_size)
     rng = np.random.default_rng(seed)
     shape = (cfg.batch, cfg.image_size, cfg.image_size, 3)
     images, labels = put_batch(

@@ -111,7 +111,8 @@ def _run_and_trace(cfg: BenchConfig, steps: int, warmup: int, trace_dir: str
 
     train_cfg = train_config(cfg, "fast", None)
     steps_per_epoch = CIFAR_TRAIN_IMAGES // cfg.batch
-    step, state, metrics, mesh = build_step(train_cfg, cfg.num_classes, steps_per_epoch)
+    step, state, metrics, mesh = build_step(train_cfg, cfg.num_classes, steps_per_epoch,
+                                            cfg.image_size)
     rng = np.random.default_rng(0)
     images, labels = put_batch(
         mesh, cfg.batch,

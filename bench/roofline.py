@@ -93,32 +93,26 @@ def compiled_step_hlo(cfg: BenchConfig, target: str, recipe: str = "fast",
     from flax_resnet import data as data_lib
     from flax_resnet import training as T
     from flax_resnet.config import TrainConfig
-    from flax_resnet.optim import make_optimizer
+    from flax_resnet.program import DataSpec, build_program
     from flax_resnet.sharding import batch_sharding, make_mesh, replicated
 
     devices = _devices(target)
     mesh = make_mesh(devices)
     train_cfg = TrainConfig.from_dict(train_config(cfg, recipe, None))
+    train_cfg = train_cfg.replace(num_classes=cfg.num_classes)
+    image = (cfg.batch, cfg.image_size, cfg.image_size, 3)
+    spec = DataSpec(CIFAR_TRAIN_IMAGES // cfg.batch, image[1:], data_lib.CIFAR10_MEAN,
+                    data_lib.CIFAR10_STD)
+    repl, rows = replicated(mesh), batch_sharding(mesh)
     # JAX's default fp32 precision on GPU lets convs use TF32; "highest" forbids it.
     precision = jax.default_matmul_precision(None if tf32 else "highest")
     with precision, jax.default_device(jax.devices("cpu")[0]):
-        model = T.create_model(train_cfg, cfg.num_classes)
-        tx = make_optimizer(train_cfg, CIFAR_TRAIN_IMAGES // cfg.batch)
-        defs, state = T.init_train_state(model, tx, train_cfg.seed)
-        metrics = T.zero_metrics()
-    repl, rows = replicated(mesh), batch_sharding(mesh)
-
-    def abstract(tree: Any) -> Any:
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
-                            tree)
-
-    step = T.make_train_step(
-        defs.train, tx, train_cfg, data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD, mesh
-    )
-    image = (cfg.batch, cfg.image_size, cfg.image_size, 3)
+        program, state = build_program(train_cfg, mesh, spec, abstract=True)
+        metrics = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+                               T.zero_metrics(T.loss_dtype(train_cfg)))
     with precision:
-        compiled = step.lower(
-            abstract(state), abstract(metrics),
+        compiled = program.train_step.lower(
+            state, metrics,
             jax.ShapeDtypeStruct(image, jnp.uint8, sharding=rows),
             jax.ShapeDtypeStruct((cfg.batch,), jnp.int32, sharding=rows),
         ).compile()

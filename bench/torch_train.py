@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.augment import normalize_coeffs
     from bench.torch_side import make_forward_loss, make_optimizer, set_tf32
     from flax_resnet import data as data_lib
-    from flax_resnet import training as T
+    from flax_resnet.batches import steps_per_epoch
     from flax_resnet.config import make_config
     from torch_ref.training import evaluate, make_criterion, make_scheduler
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     model = torch_ref.from_config(cfg.model)
     memory_format = torch.channels_last if cuda else torch.contiguous_format
     model = model.to(dev, memory_format=memory_format)
-    spe = T.steps_per_epoch(len(ds.train), cfg.batch_size)
+    spe = steps_per_epoch(len(ds.train), cfg.batch_size)
     opt = make_optimizer(model, cfg, cuda)
     sched = make_scheduler(opt, cfg, spe)
     criterion = make_criterion(cfg)

@@ -41,9 +41,6 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adam")
 # "study": the study's lr / 3 every 20 epochs; "step" is an alias of "multistep".
 SCHEDULES: tuple[str, ...] = ("study", "multistep", "cosine", "onecycle", "constant")
 SCHEDULE_ALIASES: dict[str, str] = {**{s: s for s in SCHEDULES}, "step": "multistep"}
-# Names the study's recipe, init and schedule had before they were called "study" (accepted
-# when reading a run written then).
-LEGACY_NAMES: dict[str, str] = {"seed": "study"}
 
 
 class ConfigError(ValueError):
@@ -84,13 +81,11 @@ def canonical_norm(name: str) -> str:
 
 
 def canonical_init(name: str) -> str:
-    name = LEGACY_NAMES.get(name, name)
     check_choice("init", name, INIT_SCHEMES, "init scheme")
     return name
 
 
 def canonical_schedule(name: str) -> str:
-    name = LEGACY_NAMES.get(name, name)
     check_choice("schedule", name, tuple(SCHEDULE_ALIASES))
     return SCHEDULE_ALIASES[name]
 
@@ -489,14 +484,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """From ``to_dict()``'s form, or the flat form runs stored before the model was
-        nested (and the study's names of then: ``config.LEGACY_NAMES``)."""
+        """From ``to_dict()``'s form: the model's fields under ``"model"``, the rest beside."""
         if not isinstance(d, Mapping):
             raise ConfigError("config", f"a run config is a mapping, not {type(d).__name__}")
-        d = dict(d)
-        if isinstance(d.get("model"), Mapping):
-            d = {**d.pop("model"), **d}
-        return cls.from_flat(d)
+        misplaced = sorted(set(d) & set(MODEL_FIELDS))
+        if not isinstance(d.get("model"), Mapping) or misplaced:
+            found = f"has {misplaced} at its top level" if misplaced else "has no 'model' mapping"
+            raise ConfigError(
+                "model",
+                "a run config holds the model's fields under 'model' (TrainConfig.to_dict()'s "
+                f"form); this one {found} (the flat form of runs written before the first "
+                "release is not read)",
+            )
+        _check_known(cls, d, "run config")
+        return cls(**d)
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -535,7 +536,6 @@ def make_config(recipe: str = "study", **overrides: Any) -> TrainConfig:
     When ``epochs`` is overridden but not ``warmup_epochs``, the preset's warmup is scaled
     by the same factor (``fast``: 2 of 30 epochs stays 1/15 of the run).
     """
-    recipe = LEGACY_NAMES.get(recipe, recipe)
     check_choice("recipe", recipe, tuple(RECIPES))
     preset = dict(RECIPES[recipe])
     overrides = {k: v for k, v in overrides.items() if v is not None}

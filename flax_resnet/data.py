@@ -32,6 +32,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -93,20 +94,53 @@ class DataUnavailableError(DataError):
     """The data set is not on this machine and cannot be fetched; the message says how."""
 
 
+class DataSource(Protocol):
+    """A split the training loop reads by index, as grain's ``RandomAccessDataSource``:
+    ``len(source)`` records, ``source[i]`` the ``(image uint8 HWC, label)`` of record ``i``.
+    A source may also offer ``read_batch(indices)`` (see ``read_batch``) for reading many at
+    once. Where and how the records are stored never changes which record an index names."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...
+
+
+def read_batch(source: DataSource, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The records ``indices`` of ``source`` as a uint8 NHWC array and int32 labels."""
+    batched = getattr(source, "read_batch", None)
+    if batched is not None:
+        return batched(indices)
+    records = [source[int(i)] for i in indices]
+    return (np.stack([np.asarray(image, np.uint8) for image, _ in records]),
+            np.array([label for _, label in records], np.int32))
+
+
 @dataclasses.dataclass(frozen=True)
-class Split:
+class ArraySource:
+    """A ``DataSource`` decoded in memory: every image of the split in one uint8 array."""
+
     images: np.ndarray  # (N, H, W, C) uint8
     labels: np.ndarray  # (N,) int32
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.images[index], int(self.labels[index])
+
+    def read_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[indices], self.labels[indices]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.images.shape[1:])  # type: ignore[return-value]
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     name: str
-    train: Split
-    test: Split
+    train: ArraySource
+    test: ArraySource
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -114,15 +148,15 @@ class Dataset:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(int(d) for d in self.train.images.shape[1:])  # type: ignore[return-value]
+        return self.train.image_shape
 
 
-def _split(images: np.ndarray, labels: np.ndarray) -> Split:
+def _split(images: np.ndarray, labels: np.ndarray) -> ArraySource:
     images = np.ascontiguousarray(images, dtype=np.uint8)
     labels = np.ascontiguousarray(labels, dtype=np.int32)
     if images.ndim != 4 or images.shape[0] != labels.shape[0]:
         raise DataError(f"bad split shapes: images {images.shape}, labels {labels.shape}")
-    return Split(images, labels)
+    return ArraySource(images, labels)
 
 
 def load_dataset(spec: str, data_dir: str | os.PathLike = "data") -> Dataset:
@@ -169,7 +203,7 @@ def synthetic_dataset(
     patterns = rng.uniform(-60, 60, size=(num_classes, 4, 4, 3))
     patterns = np.repeat(np.repeat(patterns, image_size // 4, 1), image_size // 4, 2)
 
-    def make(n: int, rng: np.random.Generator) -> Split:
+    def make(n: int, rng: np.random.Generator) -> ArraySource:
         labels = rng.integers(0, num_classes, size=n)
         noise = rng.normal(128, 40, size=(n, image_size, image_size, 3))
         images = np.clip(noise + patterns[labels], 0, 255).astype(np.uint8)
@@ -236,7 +270,7 @@ def _load_tfds(name: str, data_dir: Path) -> Dataset:
     return Dataset(name, train, test, num_classes, mean, std, names)
 
 
-def _read_source(source: Sequence[dict]) -> Split:
+def _read_source(source: Sequence[dict]) -> ArraySource:
     """Read a random-access tfds source fully into uint8 / int32 arrays."""
     n = len(source)
     first = source[0]
@@ -252,7 +286,7 @@ def _read_source(source: Sequence[dict]) -> Split:
         for k, rec in zip(keys, records, strict=True):
             images[k] = rec["image"]
             labels[k] = rec["label"]
-    return Split(images, labels)
+    return ArraySource(images, labels)
 
 
 # --------------------------------------------------------------------------- image folder
@@ -323,7 +357,7 @@ def _decode(path: Path) -> np.ndarray:
         ) from None
 
 
-def _decode_split(entries: list[tuple[Path, int]]) -> Split:
+def _decode_split(entries: list[tuple[Path, int]]) -> ArraySource:
     workers = min(32, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         arrays = list(pool.map(_decode, (p for p, _ in entries), chunksize=256))

@@ -115,27 +115,24 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def make_optimizer(
-    cfg: TrainConfig, steps_per_epoch: int, params: Any = None
-) -> optax.GradientTransformation:
-    """The optimizer with PyTorch's semantics.
+def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The optimizer with PyTorch's semantics, stepping at ``schedule``'s learning rate
+    (``make_schedule``).
 
     ``adamw``: ``optax.adamw(b1=.9, b2=.999, eps=1e-8)`` = ``torch.optim.AdamW`` (decoupled
     decay scaled by the lr). ``sgd``: ``add_decayed_weights`` *before* ``sgd(momentum,
     nesterov)`` = ``torch.optim.SGD(weight_decay=...)`` (decay added to the gradient before
     the momentum buffer). ``adam``: likewise for ``torch.optim.Adam(weight_decay=...)``.
-    With ``decay_norm_and_bias=False`` 1-D params (norm scales, biases) get no decay.
-    ``params`` is accepted for signature stability; the mask is computed from the params
-    the optimizer is initialised with.
+    With ``decay_norm_and_bias=False`` 1-D params (norm scales, biases) get no decay; the
+    mask is computed from the params the optimizer is initialised with.
     """
-    del params
     build = OPTIMIZER_BUILDERS.get(cfg.optimizer)
     if build is None:
         raise ValueError(
             f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZER_BUILDERS)}"
         )
     mask = None if cfg.decay_norm_and_bias else decay_mask
-    return build(cfg, make_schedule(cfg, steps_per_epoch), float(cfg.weight_decay), mask)
+    return build(cfg, schedule, float(cfg.weight_decay), mask)
 
 
 def _coupled_decay(wd: float, mask: Any) -> optax.GradientTransformation:

@@ -1,10 +1,12 @@
-"""The train state and the jitted train / eval steps, and the loops that run them.
+"""The train state, the jitted train / eval steps and the evaluation pass.
 
 The steps follow the functional NNX pattern: the model is split once into a static
 ``graphdef`` and the ``params`` / ``batch_stats`` pytrees, and a pure ``jax.jit`` step
 re-assembles it with ``nnx.merge`` inside. Augmentation and normalization run on the device
 inside the step, on the uint8 batch. Optimizers and schedules are in
-``flax_resnet.optim``, the mesh and batch placement in ``flax_resnet.sharding``.
+``flax_resnet.optim``, the mesh and batch placement in ``flax_resnet.sharding``; the
+program of a run (these steps, the optimizer and the initial state, built together) in
+``flax_resnet.program``, the loop in ``flax_resnet.trainer``.
 
 Data parallelism (``parallel``):
 
@@ -22,7 +24,7 @@ Data parallelism (``parallel``):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -34,13 +36,12 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from flax_resnet import data as data_lib
+from flax_resnet.batches import eval_batches
 from flax_resnet.config import PARALLEL_MODES, TrainConfig
 from flax_resnet.models import from_config
 from flax_resnet.sharding import (
     DATA_AXIS,
     batch_sharding,
-    process_rows,
-    put_batch,
     replicate,
     replicated,
 )
@@ -133,28 +134,28 @@ class ModelDefs:
     eval: Any
 
 
-def init_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation, seed: int
-) -> tuple[ModelDefs, TrainState]:
-    """Split ``model`` into graph defs and a fresh ``TrainState`` (host-local arrays).
-
-    The state holds copies: the train step donates its input state, and donating arrays the
-    model still shares would delete the model's weights after the first step.
-    """
+def model_defs(model: nnx.Module) -> ModelDefs:
+    """The train- and eval-mode graph definitions of ``model`` (left in training mode); an
+    abstract model (``nnx.eval_shape``) gives the same ones as a concrete one."""
     model.train()
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, batch_stats = jax.device_put((params, batch_stats), may_alias=False)
+    train, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
     model.eval()
-    eval_graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+    evaluation, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
     model.train()
-    state = TrainState(
+    return ModelDefs(train, evaluation)
+
+
+def new_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation,
+              seed: int) -> TrainState:
+    """The state before the first update: ``params`` and ``batch_stats`` as given, the
+    optimizer's initial state, the run's base key."""
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
         opt_state=tx.init(params),
         rng=jax.random.PRNGKey(seed),
     )
-    return ModelDefs(graphdef, eval_graphdef), state
 
 
 def param_count(params: Any) -> int:
@@ -386,11 +387,12 @@ def compile_steps(
     eval_batch_size: int,
     mesh: Mesh,
 ) -> tuple[Callable, EvalStep]:
-    """The train and eval steps compiled ahead of time, for ``train_epoch`` / ``evaluate``.
+    """The train and eval steps compiled ahead of time.
 
-    They accept exactly these shapes and shardings (``state`` as placed on the mesh) and
-    raise on any other input instead of silently
-    compiling again, and the caller can time compilation apart from training. (Compiling
+    They accept exactly these shapes and shardings (``state`` as placed on the mesh; the
+    train metrics as ``replicate_metrics(..., loss_dtype(cfg))``) and raise on any other
+    input instead of silently compiling again, and the caller can time compilation apart
+    from training. (Compiling
     the two concurrently in threads gave no measurable gain on 2 CPU cores.)
     """
     rows = batch_sharding(mesh)
@@ -413,74 +415,19 @@ def compile_steps(
     return train, EvalStep(evaluate, eval_step.flip, eval_step.loss_dtype)
 
 
-# --------------------------------------------------------------------------- loops
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Full batches per epoch (the last partial batch is dropped)."""
-    return num_examples // batch_size
-
-
-def epoch_batches(
-    split: data_lib.Split,
-    seed: int,
-    epoch: int,
-    batch_size: int,
-    mesh: Mesh,
-    start: int = 0,
-) -> Iterator[tuple[jax.Array, jax.Array]]:
-    """The epoch's batches from batch ``start`` on, as global sharded arrays."""
-    order = data_lib.epoch_permutation(seed, epoch, len(split))
-    rows = process_rows(mesh, batch_size)
-    for i in range(start, steps_per_epoch(len(split), batch_size)):
-        idx = order[i * batch_size : (i + 1) * batch_size][rows]
-        yield put_batch(mesh, batch_size, split.images[idx], split.labels[idx])
-
-
-def train_epoch(
-    train_step: Callable,
-    state: TrainState,
-    metrics: dict,
-    split: data_lib.Split,
-    *,
-    seed: int,
-    epoch: int,
-    batch_size: int,
-    mesh: Mesh,
-    start: int = 0,
-    callback: Callable[[int, TrainState, dict], bool | None] | None = None,
-) -> tuple[TrainState, dict, bool]:
-    """Run the epoch from batch ``start``. ``callback(i_done, state, metrics)`` runs after
-    every step (it must not sync unless it wants to); returning True stops the epoch early.
-    Returns ``(state, metrics, stopped)``.
-    """
-    for i, (images, labels) in enumerate(
-        epoch_batches(split, seed, epoch, batch_size, mesh, start), start=start
-    ):
-        state, metrics = train_step(state, metrics, images, labels)
-        if callback is not None and callback(i + 1, state, metrics):
-            return state, metrics, True
-    return state, metrics, False
+# --------------------------------------------------------------------------- evaluation
 
 
 def evaluate(
     eval_step: EvalStep,
     state: TrainState,
-    split: data_lib.Split,
+    source: data_lib.DataSource,
     batch_size: int,
     mesh: Mesh,
 ) -> dict[str, float]:
     """Loss and accuracy (and ``acc_flip`` when the step flips) over the whole split; the
     last batch is padded and masked."""
-    n = len(split)
-    rows = process_rows(mesh, batch_size)
     metrics = eval_step.zero_metrics(mesh)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)[rows]
-        valid = idx < n
-        idx = np.where(valid, idx, 0)
-        images, labels, mask = put_batch(
-            mesh, batch_size, split.images[idx], split.labels[idx], valid.astype(np.float32)
-        )
+    for images, labels, mask in eval_batches(source, batch_size, mesh):
         metrics = eval_step(state.params, state.batch_stats, metrics, images, labels, mask)
     return summarize(metrics)

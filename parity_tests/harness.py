@@ -6,9 +6,9 @@ A parity run for one configuration:
    parameters and (BatchNorm) random running statistics, so that eval mode really tests the
    stored statistics and the affine mapping is not an identity.
 2. Its ``state_dict`` goes to a FILE (``.pt`` or ``.safetensors``); ``flax_resnet`` builds the
-   twin and loads that file with ``convert.load_torch_checkpoint``, once with float32 and once
-   with float64 parameters (the file's float32 values are exact in float64). ``torch_ref``
-   gets a float64 copy (``.double()``) of the same weights.
+   twin and loads that file (``convert.read_state_dict``, ``convert.load_torch_state_dict``),
+   once with float32 and once with float64 parameters (the file's float32 values are exact
+   in float64). ``torch_ref`` gets a float64 copy (``.double()``) of the same weights.
 3. The same NCHW input (NHWC for Flax) goes through all four models in eval mode, then one
    train-mode forward/backward of a mean cross-entropy loss; we compare eval logits, train
    logits, the BatchNorm running statistics after that step, and the gradient of every
@@ -272,7 +272,7 @@ def build_flax(
     model = flax_resnet.from_config(cfg.model, dtype=dtype, param_dtype=dtype,
                                     rngs=nnx.Rngs(cfg.seed))
     if weights_file is not None:
-        convert.load_torch_checkpoint(model, weights_file)
+        convert.load_torch_state_dict(model, convert.read_state_dict(weights_file))
     return model
 
 

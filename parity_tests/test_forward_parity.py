@@ -25,6 +25,7 @@ from flax import nnx
 import flax_resnet
 import torch_ref
 from flax_resnet import convert, norms
+from flax_resnet import state_dict as fr_state_dict
 from parity_tests.harness import (
     F64_RTOL,
     GRAD_RTOL,
@@ -369,7 +370,7 @@ def test_planted_slip(slip, weights_dir, monkeypatch):
     """Each slip fails the float64 proof, by at least 1e3 x its tolerance (printed)."""
     cfg, plant = SLIPS[slip]
     if slip == "kernel-hw-transposed":  # the converter permutes OIHW -> WHIO, not HWIO
-        monkeypatch.setattr(convert, "_TO_FLAX_AXES", {4: (3, 2, 1, 0), 2: (1, 0)})
+        monkeypatch.setattr(fr_state_dict, "_TO_FLAX_AXES", {4: (3, 2, 1, 0), 2: (1, 0)})
     models = build_models(cfg, weights_dir)
     if plant is not None:
         plant(models, monkeypatch)

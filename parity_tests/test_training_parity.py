@@ -91,16 +91,17 @@ from flax_resnet import norms
 from flax_resnet import optim as foptim
 from flax_resnet import training as ftrain
 from flax_resnet.config import TrainConfig, make_config
-from flax_resnet.convert import (  # the layout transposes, for FlaxSide's index
-    _to_flax_layout,
-    _to_torch_layout,
+from flax_resnet.optim import decay_mask, make_schedule
+from flax_resnet.program import DataSpec, build_program
+from flax_resnet.sharding import make_mesh, put_batch, replicated
+from flax_resnet.state_dict import (  # the layout transposes, for FlaxSide's index
     load_torch_state_dict,
     model_variables,
+    to_flax_layout,
     to_numpy_state_dict,
+    to_torch_layout,
     torch_key,
 )
-from flax_resnet.optim import decay_mask, make_schedule
-from flax_resnet.sharding import make_mesh, put_batch, replicated
 from torch_ref import training as ttrain
 
 STEPS = 50
@@ -321,7 +322,7 @@ class TorchSide:
 
 
 class FlaxSide:
-    """The product: ``make_optimizer``, ``init_train_state`` and the jitted train step, in
+    """The product: ``program.build_program``'s optimizer, initial state and jitted train step, in
     ``dtype`` (build and use a float64 side inside ``precision("float64")``).
 
     States go to and from torch's layout through ``flax_resnet.convert``'s name map and
@@ -334,14 +335,12 @@ class FlaxSide:
         self.case = case
         self.cfg = case.cfg(dtype)
         template = flax_model_from(tmodel, self.cfg)
-        self.tx = foptim.make_optimizer(self.cfg, case.steps_per_epoch)
-        self.defs, self.state = ftrain.init_train_state(template, self.tx, self.cfg.seed)
         self.mesh = make_mesh(jax.devices()[:1])
-        self.train_step = ftrain.make_train_step(
-            self.defs.train, self.tx, self.cfg, data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD,
-            self.mesh,
-        )
-        self.state = jax.device_get(self.state)
+        spec = DataSpec(case.steps_per_epoch, (case.image_size, case.image_size, 3),
+                        data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD)
+        program, state = build_program(self.cfg, self.mesh, spec, initial=template)
+        self.tx, self.train_step = program.tx, program.train_step
+        self.state = jax.device_get(state)
         names = {path: key for key, path, _ in model_variables(template)}
         self._params = self._index(self.state.params, names)
         self._stats = self._index(self.state.batch_stats, names)
@@ -371,7 +370,7 @@ class FlaxSide:
     def _as_flax(index: tuple[list, Any], state_dict: dict[str, Any]) -> Any:
         entries, treedef = index
         return jax.tree_util.tree_unflatten(treedef, [
-            np.array(_to_flax_layout(leaf, np.asarray(state_dict[key])), dtype)
+            np.array(to_flax_layout(leaf, np.asarray(state_dict[key])), dtype)
             for key, leaf, dtype in entries
         ])
 
@@ -379,7 +378,7 @@ class FlaxSide:
     def _as_torch(index: tuple[list, Any], tree: Any) -> dict[str, np.ndarray]:
         entries, _ = index
         values = jax.tree_util.tree_leaves(tree)
-        return {key: np.require(_to_torch_layout(leaf, np.asarray(v)), requirements="C")
+        return {key: np.require(to_torch_layout(leaf, np.asarray(v)), requirements="C")
                 for (key, leaf, _), v in zip(entries, values, strict=True)}
 
     def _placed(self, state: Any) -> ftrain.TrainState:
@@ -900,12 +899,12 @@ def _adamw_default_decay(monkeypatch):
 def _sgd_decay_after_momentum(monkeypatch):
     """Weight decay added to the momentum's output instead of to the gradient before it."""
 
-    def slipped(cfg, steps_per_epoch, params=None):
+    def slipped(cfg, schedule):
         mask = None if cfg.decay_norm_and_bias else decay_mask
         return optax.chain(
             optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov),
             optax.add_decayed_weights(cfg.weight_decay, mask),
-            optax.scale_by_learning_rate(make_schedule(cfg, steps_per_epoch)),
+            optax.scale_by_learning_rate(schedule),
         )
 
     monkeypatch.setattr(foptim, "make_optimizer", slipped)

@@ -13,12 +13,10 @@ from __future__ import annotations
 import hashlib
 import re
 
-import jax
-
-from flax_resnet import data, training
+from flax_resnet import data
 from flax_resnet.config import make_config
-from flax_resnet.optim import make_optimizer
-from flax_resnet.sharding import make_mesh, replicate
+from flax_resnet.program import DataSpec, build_program
+from flax_resnet.sharding import make_mesh
 
 CASES = {
     "fast": {"depth": 18, "width": 0.125, "batch_size": 16},
@@ -41,14 +39,10 @@ def main() -> None:
     mesh = make_mesh()
     for recipe, fields in CASES.items():
         cfg = make_config(recipe, **fields)
-        tx = make_optimizer(cfg, 10)
-        defs, state = training.init_train_state(training.create_model(cfg), tx, cfg.seed)
-        state = replicate(jax.device_get(state), mesh)
-        args = (data.CIFAR10_MEAN, data.CIFAR10_STD, mesh)
-        train, evaluate = training.compile_steps(
-            training.make_train_step(defs.train, tx, cfg, *args),
-            training.make_eval_step(defs.eval, cfg, *args),
-            state, (32, 32, 3), cfg.batch_size, cfg.batch_size, mesh)
+        spec = DataSpec(10, (32, 32, 3), data.CIFAR10_MEAN, data.CIFAR10_STD)
+        program, state = build_program(cfg, mesh, spec)
+        compiled = program.compile(state, cfg.batch_size, cfg.batch_size)
+        train, evaluate = compiled.train_step, compiled.eval_step
         print(recipe, fingerprint(train.as_text()), fingerprint(evaluate.fn.as_text()))
 
 

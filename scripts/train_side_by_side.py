@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch_ref
     from flax_resnet import data as data_lib
     from flax_resnet import training as ftrain
+    from flax_resnet.batches import steps_per_epoch
     from flax_resnet.config import make_config
     from flax_resnet.convert import load_torch_state_dict
-    from flax_resnet.optim import make_optimizer
+    from flax_resnet.program import DataSpec, build_program
     from flax_resnet.sharding import make_mesh, put_batch
     from torch_ref import training as ttrain
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     ds = data_lib.load_dataset(args.dataset, args.data_dir)
-    spe = ftrain.steps_per_epoch(len(ds.train), args.batch)
+    spe = steps_per_epoch(len(ds.train), args.batch)
     epochs = args.epochs or max(1, math.ceil(args.steps / spe))
     cfg = make_config(
         args.recipe, dataset=args.dataset, depth=args.depth, width=args.width, norm=args.norm,
@@ -134,11 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- Flax: the product's optimizer, state and jitted steps
     mesh = make_mesh([jdev])
-    tx = make_optimizer(cfg, spe)
-    defs, state = ftrain.init_train_state(fmodel, tx, cfg.seed)
-    state = jax.tree.map(np.array, state)  # detach from the model's arrays (the step donates)
-    train_step = ftrain.make_train_step(defs.train, tx, cfg, ds.mean, ds.std, mesh)
-    eval_step = ftrain.make_eval_step(defs.eval, cfg, ds.mean, ds.std, mesh)
+    program, state = build_program(cfg, mesh, DataSpec(spe, ds.image_shape, ds.mean, ds.std),
+                                   initial=fmodel)
+    train_step, eval_step = program.train_step, program.eval_step
 
     # --- torch: the reference optimizer, scheduler and loss
     optimizer = ttrain.make_optimizer(tmodel, cfg)
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- test accuracy on the same (fixed random) subset
     n_test = len(ds.test) if args.test_subset <= 0 else min(args.test_subset, len(ds.test))
     pick = np.sort(np.random.default_rng(1234).permutation(len(ds.test))[:n_test])
-    test = data_lib.Split(ds.test.images[pick], ds.test.labels[pick])
+    test = data_lib.ArraySource(ds.test.images[pick], ds.test.labels[pick])
     f_eval = ftrain.evaluate(eval_step, state, test, args.eval_batch, mesh)
 
     def torch_batches():

@@ -225,7 +225,7 @@ def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() ->
     from flax_resnet.config import make_config
     from flax_resnet.convert import load_torch_state_dict
     from flax_resnet.data import normalize, synthetic_dataset
-    from flax_resnet.optim import make_optimizer
+    from flax_resnet.program import DataSpec, build_program
     from flax_resnet.sharding import make_mesh
     from parity_tests.harness import randomize_norms_
     from torch_ref.training import evaluate as torch_evaluate
@@ -254,9 +254,9 @@ def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() ->
     test = dataclasses.replace(ds.test, labels=labels)
 
     mesh = make_mesh(jax.devices()[:1])
-    defs, state = T.init_train_state(model, make_optimizer(cfg, 2), 0)
-    eval_step = T.make_eval_step(defs.eval, cfg, ds.mean, ds.std, mesh)
-    flax = T.evaluate(eval_step, state, test, 32, mesh)
+    program, state = build_program(cfg, mesh, DataSpec(2, ds.image_shape, ds.mean, ds.std),
+                                   initial=model)
+    flax = T.evaluate(program.eval_step, state, test, 32, mesh)
     assert flax["count"] == 70 and flax["acc_flip"] == 1.0
     assert flax["acc"] == n_plain / 70
 

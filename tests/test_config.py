@@ -30,12 +30,18 @@ def test_train_config_nests_the_model_config():
     assert cfg.to_dict()["model"]["norm_groups"] == 4
 
 
-def test_flat_run_configs_of_older_runs_still_read():
-    """Runs written before the model was nested stored every field at the top level."""
-    old = {**make_config("fast").flat(), "lr_milestones": [0.5, 0.75], "init": "seed"}
-    old.pop("num_classes"), old.pop("in_channels")
-    cfg = TrainConfig.from_dict(old)
-    assert cfg == make_config("fast", init="study")
+@pytest.mark.parametrize("stored,found", [
+    (make_config("fast").flat(), "has ['avg_down', 'bottleneck_stride', 'depth'"),
+    ({**make_config("fast").to_dict(), "depth": 34}, "has ['depth'] at its top level"),
+    ({"lr": 0.1, "epochs": 3}, "has no 'model' mapping"),
+])
+def test_flat_run_configs_are_refused_by_name(stored, found):
+    """The flat form (every field at the top level) predates the first release: a run config
+    read back must hold the model's fields under "model", as ``to_dict()`` writes it."""
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict(stored)
+    assert e.value.field == "model"
+    assert found in str(e.value) and "holds the model's fields under 'model'" in str(e.value)
 
 
 @pytest.mark.parametrize("fields,field,needle", [

@@ -184,7 +184,7 @@ def test_sgd_matches_torch_formula():
     for nesterov in (False, True):
         cfg = make_config(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.01,
                             nesterov=nesterov, schedule="constant")
-        got = _run_tx(make_optimizer(cfg, 1))
+        got = _run_tx(make_optimizer(cfg, make_schedule(cfg, 1)))
         p = jax.tree.map(np.asarray, _params())
         buf = None
         for t in range(3):
@@ -197,7 +197,7 @@ def test_sgd_matches_torch_formula():
 
 def test_adamw_matches_torch_formula_and_decays_every_param():
     cfg = make_config(lr=0.01, weight_decay=0.1, schedule="constant")
-    got = _run_tx(make_optimizer(cfg, 1))
+    got = _run_tx(make_optimizer(cfg, make_schedule(cfg, 1)))
     p = jax.tree.map(np.asarray, _params())
     m = jax.tree.map(np.zeros_like, p)
     v = jax.tree.map(np.zeros_like, p)
@@ -215,7 +215,7 @@ def test_adamw_matches_torch_formula_and_decays_every_param():
 def test_no_decay_mask_spares_norm_scales_and_biases():
     cfg = make_config(optimizer="sgd", lr=1.0, momentum=0.0, weight_decay=0.5,
                         schedule="constant", decay_norm_and_bias=False)
-    tx = make_optimizer(cfg, 1)
+    tx = make_optimizer(cfg, make_schedule(cfg, 1))
     params = _params()
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
@@ -362,29 +362,35 @@ _MULTI_DEVICE = textwrap.dedent("""
     import jax, numpy as np
     from flax_resnet import training as T, data as D
     from flax_resnet.config import TrainConfig, make_config
-    from flax_resnet.optim import make_optimizer, make_schedule
+    from flax_resnet.batches import DataPosition, TrainBatches
+    from flax_resnet.program import DataSpec, build_program
     from flax_resnet.sharding import make_mesh, replicate
 
     assert jax.device_count() == 8
     cfg = make_config(dataset="synthetic:256:64", depth=20, width=0.25, batch_size=32,
-                        optimizer="sgd", lr=0.02, schedule="constant", label_smoothing=0.1)
+                        optimizer="sgd", lr=0.02, schedule="constant", label_smoothing=0.1,
+                        num_classes=10)
     ds = D.load_dataset(cfg.dataset)
-    tx = make_optimizer(cfg, 8)
-    defs, state0 = T.init_train_state(T.create_model(cfg, 10), tx, cfg.seed)
-    state0 = jax.device_get(state0)
+    spec = DataSpec(8, ds.image_shape, ds.mean, ds.std)
+    program0, state0 = build_program(cfg, make_mesh(jax.devices()[:1]), spec)
+    defs, tx, state0 = program0.defs, program0.tx, jax.device_get(state0)
 
-    def run(devices, parallel, steps, start=state0):
+    def run_program(cfg, start, devices, parallel, steps):
+        # the product's program of cfg on devices from the host state start: steps updates;
+        # the state and each step's loss
         mesh = make_mesh(devices)
-        state, metrics = replicate(start, mesh), T.replicate_metrics(None, mesh)
-        step = T.make_train_step(defs.train, tx, cfg, ds.mean, ds.std, mesh, parallel)
+        program, _ = build_program(cfg, mesh, spec, parallel=parallel)
+        state, metrics = replicate(start, mesh), program.zero_metrics()
+        batches = TrainBatches(ds.train, 32, mesh, DataPosition(0, 0, 0))
         losses = []
-        for i, (x, y) in enumerate(T.epoch_batches(ds.train, 0, 0, 32, mesh)):
-            if i == steps:
-                break
+        for i in range(steps):
             before = T.summarize(metrics)["loss"] * i
-            state, metrics = step(state, metrics, x, y)
+            state, metrics = program.train_step(state, metrics, *next(batches))
             losses.append(T.summarize(metrics)["loss"] * (i + 1) - before)
         return jax.device_get(state), losses
+
+    def run(devices, parallel, steps, start=state0):
+        return run_program(cfg, start, devices, parallel, steps)
 
     def maxdiff(a, b):
         return max(float(np.max(np.abs(x - y))) for x, y in
@@ -460,23 +466,14 @@ _MULTI_DEVICE = textwrap.dedent("""
     import dataclasses
     with jax.enable_x64(True):
         cfg64 = dataclasses.replace(cfg, dtype="float64")
-        tx64 = make_optimizer(cfg64, 8)
-        defs64, s64 = T.init_train_state(T.create_model(cfg64, 10), tx64, cfg64.seed)
-        s64 = jax.device_get(s64)
+        s64 = jax.device_get(build_program(cfg64, make_mesh(jax.devices()[:1]), spec)[1])
         assert {np.asarray(x).dtype for x in floats(s64)} == {np.dtype("float64")}
         assert jax.tree.leaves(s64.batch_stats) and all(
             x.dtype == np.float64 for x in floats(s64.batch_stats))
 
         def run64(devices, parallel):
-            mesh = make_mesh(devices)
-            state = replicate(s64, mesh)
-            metrics = T.replicate_metrics(None, mesh, T.loss_dtype(cfg64))
-            step = T.make_train_step(defs64.train, tx64, cfg64, ds.mean, ds.std, mesh, parallel)
-            for i, (x, y) in enumerate(T.epoch_batches(ds.train, 0, 0, 32, mesh)):
-                if i == 3:
-                    break
-                state, metrics = step(state, metrics, x, y)
-            return jax.device_get(state), T.summarize(metrics)["loss"]
+            state, losses = run_program(cfg64, s64, devices, parallel, 3)
+            return state, sum(losses) / 3
 
         def rel64(a, b):
             return max(float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300))
