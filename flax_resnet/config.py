@@ -362,6 +362,14 @@ PARALLEL_MODES: tuple[str, ...] = ("jit", "pmap")
 # when they carry one (timm's pretrained_cfg, Hugging Face's preprocessor_config.json, the
 # ImageNet constants of torchvision/timm/Hugging Face state_dicts), else the data set's.
 INPUT_STATS: tuple[str, ...] = ("auto", "data", "weights")
+# The training augmentation. pad-crop-flip runs on the device (the study's Pad(4) +
+# RandomCrop + RandomHorizontalFlip); random-resized-crop runs on the host per image
+# (torchvision's RandomResizedCrop + RandomHorizontalFlip); auto picks pad-crop-flip when
+# every training image already has the training size (CIFAR), random-resized-crop otherwise.
+AUGMENTS: tuple[str, ...] = ("auto", "pad-crop-flip", "random-resized-crop", "none")
+# PIL's resampling filters by torchvision's names.
+INTERPOLATIONS: tuple[str, ...] = ("nearest", "bilinear", "bicubic", "box", "hamming",
+                                   "lanczos")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,8 +408,23 @@ class TrainConfig:
                                                "fractions of the epochs")
     lr_gamma: float = option(0.1, "multistep factor")
     label_smoothing: float = option(0.0, "label smoothing of the training loss")
-    augment: bool = option(True, "pad + random crop + horizontal flip on the device",
-                            group="data")
+    augment: str = option("auto", "training augmentation: pad-crop-flip (on the device), "
+                           "random-resized-crop (torchvision's, on the host), none, or auto "
+                           "(pad-crop-flip when every image has the training size, else "
+                           "random-resized-crop)", choices=AUGMENTS, group="data")
+    image_size: int | None = option(None, "training and evaluation crop size of images read "
+                                    "from files", group="data",
+                                    none="the init_from weights' input size, else 224; "
+                                    "in-memory data keeps its own size")
+    resize_size: int | None = option(None, "evaluation: resize the shorter side to this, "
+                                     "then center-crop image_size", group="data",
+                                     none="image_size / crop_pct")
+    crop_pct: float | None = option(None, "evaluation: image_size / resize_size (timm's "
+                                    "crop_pct)", group="data",
+                                    none="the init_from weights', else 0.875")
+    interpolation: str | None = option(None, "resampling filter of the resizes",
+                                       choices=INTERPOLATIONS, group="data",
+                                       none="the init_from weights', else bilinear")
     augment_pad: int = option(4, "zero padding before the random crop", group="data")
     seed: int = option(0, "init, data order and augmentation seed")
     parallel: str = option(
@@ -429,6 +452,20 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("parallel", self.parallel, PARALLEL_MODES)
         check_choice("input_stats", self.input_stats, INPUT_STATS)
+        if isinstance(self.augment, bool):  # run configs written when augment was on/off
+            object.__setattr__(self, "augment", "pad-crop-flip" if self.augment else "none")
+        check_choice("augment", self.augment, AUGMENTS)
+        if self.interpolation is not None:
+            check_choice("interpolation", self.interpolation, INTERPOLATIONS)
+        for name in ("image_size", "resize_size"):
+            if getattr(self, name) is not None:
+                check_integer(name, getattr(self, name), 1)
+        if self.crop_pct is not None:
+            check_positive("crop_pct", self.crop_pct)
+            if self.crop_pct > 1:
+                raise ConfigError("crop_pct", f"crop_pct {self.crop_pct!r} must be in (0, 1]")
+            if self.resize_size is not None:
+                raise ConfigError("crop_pct", "give resize_size or crop_pct, not both")
         if self.input_stats == "weights" and not self.init_from:
             raise ConfigError("input_stats", "input_stats weights needs init_from (the weights "
                                              "whose preprocessing to take)")

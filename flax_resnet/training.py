@@ -58,6 +58,13 @@ def x64_enabled() -> bool:
     return jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
 
 
+def device_augment(cfg: TrainConfig) -> bool:
+    """Whether the train step augments on the device (pad-crop-flip). ``auto`` counts: the
+    trainer resolves it from the data before building the program, and data a program is
+    given without that (in-memory arrays of the training size) is what auto augments so."""
+    return cfg.augment in ("pad-crop-flip", "auto")
+
+
 def compute_dtype(cfg: TrainConfig) -> Any:
     """``cfg.dtype`` as a JAX dtype; ``ValueError`` for float64 while JAX is 32-bit, where it
     would silently compute in float32."""
@@ -269,7 +276,7 @@ def make_train_step(
         compute_dtype(cfg)  # at trace time too: a float64 step traced while JAX is 32-bit
         key = jax.random.fold_in(state.rng, state.step)
         x = images
-        if cfg.augment:
+        if device_augment(cfg):
             x = data_lib.augment(key, x, cfg.augment_pad)
         x = data_lib.normalize(x, mean, std, dtype)
         grads, batch_stats, loss, correct = compute(state.params, state.batch_stats, x, labels)
