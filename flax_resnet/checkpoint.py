@@ -65,7 +65,8 @@ from orbax.checkpoint import metadata as ocp_metadata
 
 CHECKSUMS = "checksums"
 VERSIONS = "versions"
-VERSIONED_PACKAGES = ("flax_resnet", "jax", "flax", "optax", "orbax-checkpoint")
+# Pillow decodes and resizes streamed images: bit-exact resume holds within one build.
+VERSIONED_PACKAGES = ("flax_resnet", "jax", "flax", "optax", "orbax-checkpoint", "pillow")
 SET_ASIDE_SUFFIX = ".damaged"
 SHOWN_PER_KIND = 3  # differing paths shown per kind
 _KIND_LABELS = {"missing": "missing", "unexpected": "unexpected",

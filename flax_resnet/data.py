@@ -24,30 +24,48 @@ does not change the distribution.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import importlib.util
 import os
-import sys
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+from flax_resnet.folder import (
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGE_EXTENSIONS,
+    channel_stats,
+    load_image_folder,
+)
+from flax_resnet.sources import (
+    ArraySource,
+    DataError,
+    Dataset,
+    DataSource,
+    DataUnavailableError,
+    EncodedImages,
+    ImageSource,
+    array_source,
+    epoch_permutation,
+    read_batch,
+)
+
+__all__ = [
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "DATASET_SPECS", "IMAGE_EXTENSIONS",
+    "ArraySource", "DataError", "DataSource", "DataUnavailableError", "Dataset",
+    "ImageSource", "apply_augment", "augment", "augment_params", "channel_stats",
+    "epoch_permutation", "load_dataset", "load_image_folder", "normalize", "read_batch",
+    "synthetic_dataset",
+]
+
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-DATASET_SPECS = ("cifar10", "cifar100", "folder:PATH", "synthetic[:N_TRAIN[:N_TEST]]")
+DATASET_SPECS = ("cifar10", "cifar100", "imagenet2012", "folder:PATH",
+                 "synthetic[:N_TRAIN[:N_TEST]]")
 
 TFDS_HOWTO = """\
 {name} is not prepared in {data_dir} and cannot be prepared here ({reason}).
@@ -86,93 +104,25 @@ _TFDS_ARCHIVES = {
 }
 
 
-class DataError(Exception):
-    """The data set spec or the data on disk is wrong (bad spec, malformed folder...)."""
+def load_dataset(spec: str, data_dir: str | os.PathLike | None = "data", stream: bool = False,
+                 say: Callable[[str], None] | None = None) -> Dataset:
+    """The data set ``spec`` (one of ``DATASET_SPECS``): in memory as uint8 NHWC images and
+    int32 labels, or streamed from encoded images (image folders of several sizes or large
+    ones, ImageNet; ``stream`` asks for that for any folder). ``say`` hears what was chosen.
 
-
-class DataUnavailableError(DataError):
-    """The data set is not on this machine and cannot be fetched; the message says how."""
-
-
-class DataSource(Protocol):
-    """A split the training loop reads by index, as grain's ``RandomAccessDataSource``:
-    ``len(source)`` records, ``source[i]`` the ``(image uint8 HWC, label)`` of record ``i``.
-    A source may also offer ``read_batch(indices)`` (see ``read_batch``) for reading many at
-    once. Where and how the records are stored never changes which record an index names."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...
-
-
-def read_batch(source: DataSource, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The records ``indices`` of ``source`` as a uint8 NHWC array and int32 labels."""
-    batched = getattr(source, "read_batch", None)
-    if batched is not None:
-        return batched(indices)
-    records = [source[int(i)] for i in indices]
-    return (np.stack([np.asarray(image, np.uint8) for image, _ in records]),
-            np.array([label for _, label in records], np.int32))
-
-
-@dataclasses.dataclass(frozen=True)
-class ArraySource:
-    """A ``DataSource`` decoded in memory: every image of the split in one uint8 array."""
-
-    images: np.ndarray  # (N, H, W, C) uint8
-    labels: np.ndarray  # (N,) int32
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        return self.images[index], int(self.labels[index])
-
-    def read_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.images[indices], self.labels[indices]
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(int(d) for d in self.images.shape[1:])  # type: ignore[return-value]
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    name: str
-    train: ArraySource
-    test: ArraySource
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    class_names: tuple[str, ...] | None = None
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.train.image_shape
-
-
-def _split(images: np.ndarray, labels: np.ndarray) -> ArraySource:
-    images = np.ascontiguousarray(images, dtype=np.uint8)
-    labels = np.ascontiguousarray(labels, dtype=np.int32)
-    if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-        raise DataError(f"bad split shapes: images {images.shape}, labels {labels.shape}")
-    return ArraySource(images, labels)
-
-
-def load_dataset(spec: str, data_dir: str | os.PathLike = "data") -> Dataset:
-    """Load a data set fully into memory as uint8 NHWC images and int32 labels.
-
-    ``spec`` is one of ``DATASET_SPECS``. Raises ``DataUnavailableError`` (with a how-to
-    message) when the data is missing and cannot be fetched, ``DataError`` for a bad spec
-    or malformed data.
+    Raises ``DataUnavailableError`` (with a how-to message) when the data is missing and
+    cannot be fetched, ``DataError`` for a bad spec or malformed data.
     """
+    data_dir = "data" if data_dir is None else data_dir
     if spec in ("cifar10", "cifar100"):
         return _load_tfds(spec, Path(data_dir))
+    if spec == "imagenet2012":
+        return _load_imagenet(Path(data_dir))
     if spec.startswith("folder:"):
         path = spec[len("folder:") :]
         if not path:
             raise DataError("--dataset folder:PATH needs a PATH, e.g. folder:data/cifar10-jpeg")
-        return load_image_folder(path, data_dir)
+        return load_image_folder(path, data_dir, stream=stream, say=say)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         parts = spec.split(":")[1:]
         try:
@@ -207,7 +157,7 @@ def synthetic_dataset(
         labels = rng.integers(0, num_classes, size=n)
         noise = rng.normal(128, 40, size=(n, image_size, image_size, 3))
         images = np.clip(noise + patterns[labels], 0, 255).astype(np.uint8)
-        return _split(images, labels)
+        return array_source(images, labels)
 
     train = make(n_train, np.random.default_rng([seed, 1]))
     test = make(n_test, np.random.default_rng([seed, 2]))
@@ -217,6 +167,15 @@ def synthetic_dataset(
 
 
 # --------------------------------------------------------------------------- tfds
+
+
+def _load_imagenet(data_dir: Path) -> Dataset:
+    from flax_resnet.imagenet import imagenet2012
+    from flax_resnet.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+    train, val, classes = imagenet2012(data_dir)
+    return Dataset("imagenet2012", EncodedImages(train), EncodedImages(val), len(classes),
+                   IMAGENET_MEAN, IMAGENET_STD, tuple(classes), "ImageNet's constants")
 
 
 def _load_tfds(name: str, data_dir: Path) -> Dataset:
@@ -289,172 +248,7 @@ def _read_source(source: Sequence[dict]) -> ArraySource:
     return ArraySource(images, labels)
 
 
-# --------------------------------------------------------------------------- image folder
-
-
-def _list_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]], str]:
-    """Classes, files per split, and a cache key over every file's path, size and mtime."""
-    if not root.is_dir():
-        raise DataUnavailableError(
-            f"image folder {str(root)!r} does not exist (expected "
-            f"{root}/{{train,test}}/CLASS/*.png|jpg). For the CIFAR-10 JPEG copy:\n"
-            "    mkdir -p data && tar xzf cifar10-jpeg.tar.gz -C data\n"
-            "    --dataset folder:data/cifar10-jpeg"
-        )
-    missing = [s for s in ("train", "test") if not (root / s).is_dir()]
-    if missing:
-        raise DataError(
-            f"image folder {str(root)!r} has no {' or '.join(missing)} subfolder; expected "
-            f"{root}/{{train,test}}/CLASS/*.png|jpg"
-        )
-    classes = sorted(d.name for d in os.scandir(root / "train") if d.is_dir())
-    if not classes:
-        raise DataError(f"image folder {str(root / 'train')!r} has no class subfolders")
-    index = {c: i for i, c in enumerate(classes)}
-    digest = hashlib.sha256(os.fspath(root.absolute()).encode())
-    files: dict[str, list[tuple[Path, int]]] = {}
-    for split in ("train", "test"):
-        entries: list[tuple[Path, int]] = []
-        for cdir in sorted(os.scandir(root / split), key=lambda d: d.name):
-            if not cdir.is_dir():
-                continue
-            if cdir.name not in index:
-                raise DataError(
-                    f"class {cdir.name!r} in {str(root / split)!r} is not among the train "
-                    f"classes {classes}"
-                )
-            for f in sorted(os.scandir(cdir.path), key=lambda d: d.name):
-                if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS):
-                    st = f.stat()
-                    entries.append((Path(f.path), index[cdir.name]))
-                    digest.update(f"{split}/{cdir.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        if not entries:
-            raise DataError(
-                f"image folder {str(root / split)!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files"
-            )
-        empty = [c for c in classes if not any(label == index[c] for _, label in entries)]
-        if empty:  # a class without images would still get a classifier output
-            raise DataError(
-                f"image folder {str(root / split)!r} has no {'/'.join(IMAGE_EXTENSIONS)} "
-                f"images of class{'es' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} "
-                "(every train class needs images in train/ and test/); add them or remove "
-                "the class folder"
-            )
-        files[split] = entries
-    return classes, files, digest.hexdigest()[:32]
-
-
-def _decode(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "not an image"
-        raise DataError(
-            f"image {str(path)!r} cannot be decoded ({type(e).__name__}: {e}); replace or "
-            "remove it"
-        ) from None
-
-
-def _decode_split(entries: list[tuple[Path, int]]) -> ArraySource:
-    workers = min(32, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        arrays = list(pool.map(_decode, (p for p, _ in entries), chunksize=256))
-    shape = arrays[0].shape
-    for (path, _), a in zip(entries, arrays, strict=True):
-        if a.shape != shape:
-            raise DataError(
-                f"image {str(path)!r} has shape {a.shape}, the first image has {shape}: "
-                "all images of a folder data set must have the same size"
-            )
-    return _split(np.stack(arrays), np.array([label for _, label in entries]))
-
-
-def _cache_candidates(root: Path, data_dir: str | os.PathLike) -> list[Path]:
-    name = root.absolute().name or "folder"
-    return [
-        root.absolute().parent / f"{name}-decoded.npz",
-        Path(data_dir).expanduser().absolute() / f"{name}-decoded.npz",
-    ]
-
-
-def load_image_folder(path: str | os.PathLike, data_dir: str | os.PathLike = "data") -> Dataset:
-    """``PATH/{train,test}/CLASS/*.{png,jpg,jpeg}``, decoded once and cached as ``.npz``.
-
-    Normalization constants: CIFAR-10's when the classes are CIFAR-10's, else the
-    per-channel mean and std of the train split.
-    """
-    root = Path(path)
-    classes, files, key = _list_folder(root)
-    candidates = _cache_candidates(root, data_dir)
-    arrays = None
-    for cache in candidates:
-        if cache.is_file():
-            try:
-                with np.load(cache, allow_pickle=False) as z:
-                    if str(z["key"]) == key:
-                        arrays = {k: z[k] for k in z.files}
-                        break
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable or stale cache: decode again
-    if arrays is None:
-        n = sum(len(v) for v in files.values())
-        print(f"decoding {n} images under {root} (cached for the next run)...", file=sys.stderr)
-        train, test = _decode_split(files["train"]), _decode_split(files["test"])
-        arrays = {
-            "key": np.array(key),
-            "train_images": train.images, "train_labels": train.labels,
-            "test_images": test.images, "test_labels": test.labels,
-        }
-        for cache in candidates:
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
-                np.savez(tmp, **arrays)
-                os.replace(tmp, cache)  # atomic: readers never see a partial cache
-                break
-            except OSError:
-                continue
-    train = _split(arrays["train_images"], arrays["train_labels"])
-    test = _split(arrays["test_images"], arrays["test_labels"])
-    if train.images.shape[1:] != test.images.shape[1:]:
-        raise DataError(
-            f"train images are {train.images.shape[1:]} but test images are "
-            f"{test.images.shape[1:]} in {str(root)!r}"
-        )
-    if tuple(classes) == CIFAR10_CLASSES:
-        mean, std = CIFAR10_MEAN, CIFAR10_STD
-    else:
-        mean, std = channel_stats(train.images)
-    return Dataset(f"folder:{root}", train, test, len(classes), mean, std, tuple(classes))
-
-
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    c = images.shape[-1]
-    flat = images.reshape(-1, c)
-    total = np.zeros(c)
-    total_sq = np.zeros(c)
-    for start in range(0, flat.shape[0], 1 << 20):
-        block = flat[start : start + (1 << 20)].astype(np.float64) / 255.0
-        total += block.sum(0)
-        total_sq += np.square(block).sum(0)
-    n = flat.shape[0]
-    mean = total / n
-    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
 # --------------------------------------------------------------------------- order
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of the ``n`` training examples in ``epoch``: a pure function of (seed, epoch).
-
-    Every host computes the same permutation, and a resumed run replays it exactly.
-    """
-    return np.random.default_rng([int(seed), int(epoch), 0x0DA7A]).permutation(n)
 
 
 # --------------------------------------------------------------------------- augmentation

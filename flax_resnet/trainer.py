@@ -35,14 +35,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flax_resnet.config import ARCHITECTURE_FIELDS, ConfigError, TrainConfig, option
+from flax_resnet.config import ConfigError, TrainConfig, option
 from flax_resnet.workdir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
     PREPROCESSING_FILE,
     RESUMABLE_FIELDS,
+    EventLog,
     RunError,
+    architecture_of,
+    init_weights,
+    initial_model,
     plot_curves,
     prepare_workdir,
     read_json,
@@ -89,12 +93,21 @@ class RunOptions:
     stop_after_steps: int = option(0, "(testing) stop after this many global steps without "
                                    "saving, as if preempted; 0: never")
     progress: bool = option(True, "progress bars")
+    data_workers: int | None = option(None, "loader processes decoding and transforming "
+                                      "images read from files (0: threads of the training "
+                                      "process)", group="data",
+                                      none="the cores but one, at most 16")
+    skip_bad_images: bool = option(False, "skip images that cannot be decoded (listed in the "
+                                   "workdir's bad_images.txt) instead of stopping the run",
+                                   group="data")
 
     def __post_init__(self) -> None:
         for name, least in (("log_every", 1), ("keep_checkpoints", 1),
                             ("checkpoint_every_steps", 0), ("checkpoint_every_epochs", 0),
-                            ("stop_after_steps", 0)):
+                            ("stop_after_steps", 0), ("data_workers", 0)):
             value = getattr(self, name)
+            if name == "data_workers" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(name, f"{name} {value!r} must be an integer >= {least}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
@@ -108,74 +121,6 @@ def _flip_note(result: dict[str, float]) -> str:
 
 def _fmt(values: Any) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
-
-
-def _init_weights(cfg: TrainConfig, started: bool) -> Any:
-    """The weights ``init_from`` names, read once; None without init_from, or once the run
-    has checkpoints (its own weights then)."""
-    if not cfg.init_from or started:
-        return None
-    from flax_resnet.weights import resolve
-
-    try:
-        weights = resolve(cfg.init_from)
-        weights.config  # noqa: B018 - inferring the architecture may fail: say it now
-    except (OSError, ValueError) as e:
-        raise RunError(f"init_from {cfg.init_from}: {e}", "init_from") from None
-    return weights
-
-
-def _architecture_of(cfg: TrainConfig, weights: Any, asked: set[str]
-                     ) -> tuple[TrainConfig, str]:
-    """``cfg`` with the architecture fields it was not told taken from ``weights``."""
-    now = cfg.flat()
-    taken = {f: weights.config[f] for f in ARCHITECTURE_FIELDS
-             if f in weights.config and f not in asked and weights.config[f] != now[f]}
-    if not taken:
-        return cfg, ""
-    try:
-        cfg = cfg.replace(**taken)
-    except ValueError as e:
-        raise RunError(f"init_from {cfg.init_from}: its architecture does not fit: {e}",
-                       "init_from") from None
-    said = ", ".join(f"{k}={v}" for k, v in taken.items())
-    return cfg, f"architecture from init_from {cfg.init_from}: {said}"
-
-
-def _input_stats(cfg: TrainConfig, ds: Any, workdir: Path, weights: Any) -> Any:
-    """The run's input preprocessing: as recorded in the workdir; else, for a run that
-    checkpointed before runs recorded it (``weights`` None then), the data set's (what it
-    trained with); else as ``cfg.input_stats`` says."""
-    from flax_resnet.preprocessing import Preprocessing
-
-    recorded = workdir / PREPROCESSING_FILE
-    if recorded.exists():
-        return Preprocessing.from_dict(read_json(recorded))
-    channels = ds.image_shape[-1]
-    own = Preprocessing(tuple(ds.mean), tuple(ds.std), (channels, *ds.image_shape[:2]),
-                        source=f"the data set {ds.name}")
-    if weights is None or cfg.input_stats == "data":
-        return own
-    theirs = weights.preprocessing
-    fits = theirs is not None and len(theirs.mean) == len(theirs.std) == channels
-    if cfg.input_stats == "weights" and not fits:
-        what = "carry no preprocessing" if theirs is None else \
-            f"expect {len(theirs.mean)} channels, the data has {channels}"
-        raise RunError(f"input_stats weights: the init_from weights {cfg.init_from} {what}; "
-                       "use input_stats data", "input_stats")
-    return theirs if fits else own
-
-
-def _initial_model(cfg: TrainConfig, weights: Any) -> Any:
-    """A model of ``cfg`` holding ``weights`` (a fresh classifier where theirs does not fit)."""
-    from flax_resnet import training as T
-
-    model = T.create_model(cfg)
-    try:
-        weights.load_into(model)
-    except (OSError, ValueError, KeyError) as e:
-        raise RunError(f"init_from {cfg.init_from}: {e}", "init_from") from None
-    return model
 
 
 def train_and_evaluate(
@@ -233,8 +178,8 @@ class _Run:
 
         from flax_resnet.batches import DataPosition, steps_per_epoch
         from flax_resnet.checkpoint import Checkpointer, CheckpointError
-        from flax_resnet.data import DataError, load_dataset
         from flax_resnet.program import DataSpec, build_program
+        from flax_resnet.run_data import open_run_data
         from flax_resnet.sharding import check_batch_size, make_mesh
 
         workdir, options = self.workdir, self.options
@@ -245,17 +190,15 @@ class _Run:
             raise RunError(f"eval_only: no run in workdir {workdir} (no config.json)",
                            "eval_only")
         ckpt = Checkpointer(workdir / CHECKPOINT_DIR, keep=options.keep_checkpoints)
-        weights = _init_weights(cfg, started=bool(ckpt.all_steps()))
+        weights = init_weights(cfg, started=bool(ckpt.all_steps()))
         if weights is not None and stored is None and self.asked is not None:
-            cfg, note = _architecture_of(cfg, weights, self.asked)
+            cfg, note = architecture_of(cfg, weights, self.asked)
             notes += [note] if note else []
         for note in notes:
             self.say(note)
-        try:
-            ds = load_dataset(cfg.dataset, options.data_dir)
-        except DataError as e:
-            raise RunError(str(e), "dataset") from None
-        cfg = cfg.replace(num_classes=ds.num_classes, in_channels=ds.image_shape[-1])
+        data = open_run_data(cfg, options.data_dir, options.data_workers,
+                             options.skip_bad_images, weights, workdir, self.say)
+        cfg, ds = data.cfg, data.ds
 
         mesh = make_mesh()
         eval_batch = options.eval_batch_size or cfg.batch_size
@@ -269,11 +212,11 @@ class _Run:
             raise RunError(f"batch_size {cfg.batch_size} is larger than the {len(ds.train)} "
                            "training images", "batch_size")
 
-        stats = _input_stats(cfg, ds, workdir, weights)
+        stats = data.stats
         self.say(f"input mean/std {_fmt(stats.mean)} / {_fmt(stats.std)} from {stats.source}")
-        initial = None if weights is None else _initial_model(cfg, weights)
+        initial = None if weights is None else initial_model(cfg, weights)
         program, state = build_program(
-            cfg, mesh, DataSpec(spe, ds.image_shape, tuple(stats.mean), tuple(stats.std)),
+            cfg, mesh, DataSpec(spe, data.image_shape, tuple(stats.mean), tuple(stats.std)),
             initial=initial)
         if weights is not None:
             self.say(f"initialised from {weights.description}")
@@ -305,11 +248,15 @@ class _Run:
             self.say(f"resumed from step {step} (epoch {position.epoch + 1}, batch "
                      f"{position.index // cfg.batch_size} of {spe})")
         self.cfg, self.ds, self.ckpt, self.eval_batch, self.spe = cfg, ds, ckpt, eval_batch, spe
+        self.data = data
         try:
             if options.eval_only:
                 return self.evaluate_only(program, state, step, position)
             return self.train(program, state, step, position, meta)
         finally:
+            for part in (getattr(self, "batches", None), getattr(self, "events", None)):
+                if getattr(part, "close", None) is not None:
+                    part.close()
             ckpt.close()
 
     def _describe(self, cfg: TrainConfig, program: Any, state: Any, ds: Any, spe: int) -> None:
@@ -336,8 +283,8 @@ class _Run:
                       ) -> dict[str, Any]:
         from flax_resnet.training import evaluate
 
-        result = evaluate(program.eval_step, state, self.ds.test, self.eval_batch,
-                          program.mesh)
+        result = evaluate(program.eval_step, state, program.mesh,
+                          self.data.eval_batches(program.mesh, self.eval_batch))
         out = {"step": step, "epoch": position.epoch, "test_loss": result["loss"],
                "test_acc": result["acc"], "test_count": result["count"]}
         if self.cfg.eval_flip:
@@ -352,7 +299,9 @@ class _Run:
 
     def train(self, program: Any, state: Any, start: int, position: Any,
               meta: dict[str, Any]) -> dict[str, Any]:
-        from flax_resnet.batches import TrainBatches
+        import jax
+
+        from flax_resnet.pipeline import BadImagesError
         from flax_resnet.training import evaluate, summarize
 
         cfg, options, spe = self.cfg, self.options, self.spe
@@ -368,12 +317,13 @@ class _Run:
             compile_s = time.perf_counter() - t
             self.say(f"compiled the train and eval steps in {compile_s:.1f} s")
         self.elapsed += compile_s
-        batches = TrainBatches(self.ds.train, cfg.batch_size, program.mesh, position)
+        batches = self.batches = self.data.train_batches(program.mesh, position, total)
         metrics = program.zero_metrics(meta.get("partial_metrics") if position.index else None)
         first = position.index // cfg.batch_size  # the first batch of this process's epoch
         epoch_start = self.epoch_start = self.mark = time.perf_counter()
         mark_step = start
-        wait = 0.0
+        wait = wait_mark = 0.0
+        events = self.events = EventLog(self.workdir, start, self.lead)
         bar = self._bar(start // spe, first)
         for step in range(start, total):
             epoch, batch = divmod(step, spe)
@@ -385,7 +335,17 @@ class _Run:
                 bar.close()
                 raise Interrupted(self.signals.requested or signal.SIGTERM, step)
             t = time.perf_counter()
-            images, labels = next(batches)
+            try:
+                images, labels = next(batches)
+            except BadImagesError as e:
+                if jax.process_count() == 1:
+                    bar.close()
+                    raise self._bad_images(e, state, step, batches.position, metrics,
+                                           epoch_start) from None
+                # The other processes are already in this step's collectives: feed them a
+                # blank batch, and all stop together at the next poll, saving nothing.
+                self.bad_images = e
+                images, labels = self._blank_batch(program.mesh)
             wait += time.perf_counter() - t
             state, metrics = program.train_step(state, metrics, images, labels)
             done = step + 1
@@ -398,9 +358,14 @@ class _Run:
                 now = time.perf_counter()
                 rate = (done - mark_step) * cfg.batch_size / max(now - self.mark, 1e-9)
                 bar.update(batch + 1 - bar.n)
+                waited = (wait - wait_mark) / max(now - self.mark, 1e-9)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{100 * m['acc']:.2f}%",
-                                img_s=f"{rate:,.0f}", refresh=False)
-                self.mark, mark_step = now, done
+                                img_s=f"{rate:,.0f}", data_wait=f"{100 * waited:.0f}%",
+                                refresh=False)
+                events.scalars(done, {"train/loss": m["loss"], "train/acc": m["acc"],
+                                      "perf/images_per_s": rate,
+                                      "perf/data_wait_fraction": waited})
+                self.mark, mark_step, wait_mark = now, done, wait
             every = options.checkpoint_every_steps
             if every and done % every == 0 and not end_of_epoch:  # epoch ends save after eval
                 self._save(state, done, batches.position, self._partial(metrics),
@@ -413,8 +378,12 @@ class _Run:
             if end_of_epoch:
                 train = summarize(metrics)
                 train_time = time.perf_counter() - epoch_start
-                test = evaluate(program.eval_step, state, self.ds.test, self.eval_batch,
-                                program.mesh)
+                try:
+                    test = evaluate(program.eval_step, state, program.mesh,
+                                    self.data.eval_batches(program.mesh, self.eval_batch))
+                except BadImagesError as e:
+                    raise self._bad_images(e, state, done, batches.position, None,
+                                           epoch_start) from None
                 if not (math.isfinite(train["loss"]) and math.isfinite(test["loss"])):
                     raise self._diverged(done, epoch, f"the epoch's training loss is "
                                          f"{train['loss']} and its test loss {test['loss']}")
@@ -442,11 +411,13 @@ class _Run:
                          f"{row['epoch_time_s']:.1f}s ({row['train_images_per_s']:,.0f} img/s)")
                 rows.append(row)
                 self._write_rows(rows)
+                events.scalars(done, {"test/loss": test["loss"], "test/acc": test["acc"],
+                                      "train/lr": row["lr"]})
                 every = options.checkpoint_every_epochs
                 if done == total or (every and (epoch + 1) % every == 0):
                     self._save(state, done, batches.position, None, self.elapsed)
                 metrics = program.zero_metrics()
-                compile_s, wait, first = 0.0, 0.0, 0
+                compile_s, wait, wait_mark, first = 0.0, 0.0, 0.0, 0
                 epoch_start = self.mark = time.perf_counter()
                 mark_step = done
                 if done < total:
@@ -499,8 +470,30 @@ class _Run:
             return False
         from jax.experimental import multihost_utils
 
-        flags = multihost_utils.process_allgather(int(self.signals.requested is not None))
+        mine = 2 if getattr(self, "bad_images", None) else int(self.signals.requested
+                                                               is not None)
+        flags = multihost_utils.process_allgather(mine)
+        if max(flags) == 2:
+            good = self.ckpt.all_steps()
+            kept = f"the last checkpoint, step {max(good)}, is kept" if good else \
+                "no checkpoint was written"
+            what = self.bad_images or "another process met images that cannot be decoded " \
+                "(see its log)"
+            raise RunError(f"{what}\nThe run stopped before step {step}; {kept} "
+                           "(the batches since it are not saved); rerun the same command to "
+                           "resume from it.", "dataset")
         return bool(max(flags))
+
+    def _blank_batch(self, mesh: Any) -> tuple[Any, Any]:
+        import numpy as np
+
+        from flax_resnet.sharding import process_rows, put_batch
+
+        rows = process_rows(mesh, self.cfg.batch_size)
+        n = len(range(self.cfg.batch_size)[rows])
+        return put_batch(mesh, self.cfg.batch_size,  # type: ignore[return-value]
+                         np.zeros((n, *self.data.image_shape), np.uint8),
+                         np.zeros((n,), np.int32))
 
     @staticmethod
     def _partial(metrics: dict) -> dict[str, Any]:
@@ -530,6 +523,17 @@ class _Run:
                 f"({type(e).__name__}: {e}); the checkpoints before it are kept: fix that and "
                 "rerun the same command to resume"
             ) from None
+
+    def _bad_images(self, e: Exception, state: Any, step: int, position: Any, metrics: Any,
+                    epoch_start: float) -> RunError:
+        """Stop on images that cannot be decoded, with the state before their batch saved."""
+        if step not in self.ckpt.all_steps():
+            partial = self._partial(metrics) if metrics is not None and step % self.spe else None
+            self._save(state, step, position, partial,
+                       self.elapsed + time.perf_counter() - epoch_start)
+        return RunError(f"{e}\nThe run stopped at step {step} with a checkpoint; rerun the "
+                        "same command (with --skip-bad-images, or once the images are fixed) "
+                        "to resume.", "dataset")
 
     def _diverged(self, step: int, epoch: int, what: str) -> DivergedError:
         good = self.ckpt.all_steps()

@@ -24,7 +24,7 @@ Data parallelism (``parallel``):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -36,7 +36,6 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from flax_resnet import data as data_lib
-from flax_resnet.batches import eval_batches
 from flax_resnet.config import PARALLEL_MODES, TrainConfig
 from flax_resnet.models import from_config
 from flax_resnet.sharding import (
@@ -428,13 +427,12 @@ def compile_steps(
 def evaluate(
     eval_step: EvalStep,
     state: TrainState,
-    source: data_lib.DataSource,
-    batch_size: int,
     mesh: Mesh,
+    batches: Iterable[tuple[jax.Array, jax.Array, jax.Array]],
 ) -> dict[str, float]:
-    """Loss and accuracy (and ``acc_flip`` when the step flips) over the whole split; the
-    last batch is padded and masked."""
+    """Loss and accuracy (and ``acc_flip`` when the step flips) over ``batches`` (images,
+    labels, mask: ``batches.eval_batches`` or the streamed pipeline's)."""
     metrics = eval_step.zero_metrics(mesh)
-    for images, labels, mask in eval_batches(source, batch_size, mesh):
+    for images, labels, mask in batches:
         metrics = eval_step(state.params, state.batch_stats, metrics, images, labels, mask)
     return summarize(metrics)

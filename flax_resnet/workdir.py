@@ -3,7 +3,8 @@
 ``config.json`` (the run's ``TrainConfig``; a resumed run keeps it, see ``resolve_config``),
 ``preprocessing.json`` (the input mean/std and where they came from), ``metrics.jsonl``
 (one row per epoch), ``curves.png``, ``summary.json`` / ``eval.json``; checkpoints live in
-``checkpoints/`` (``flax_resnet.checkpoint``). Every file is written atomically.
+``checkpoints/`` (``flax_resnet.checkpoint``), TensorBoard events in ``tensorboard/``. Every
+file is written atomically. The run's starting weights (``init_from``) are resolved here too.
 """
 
 from __future__ import annotations
@@ -14,17 +15,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flax_resnet.config import DATA_MODEL_FIELDS, TrainConfig
+from flax_resnet.config import ARCHITECTURE_FIELDS, DATA_MODEL_FIELDS, TrainConfig
 from flax_resnet.safety import dumps, write_text_atomic
 
 CONFIG_FILE = "config.json"
 PREPROCESSING_FILE = "preprocessing.json"  # the run's input mean/std, and where they came from
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
 
 # Fields a resumed run may change (anything else that differs from the stored config.json
 # is a conflict): extending training, switching the data-parallel mode or flip TTA.
 RESUMABLE_FIELDS = frozenset({"epochs", "parallel", "eval_flip"})
+# Fields whose open value ("auto" / None) a run settles from its data and weights and
+# stores settled: asking for the open value again agrees with whatever was settled.
+SETTLED_FIELDS = {"augment": "auto", "image_size": None, "resize_size": None,
+                  "crop_pct": None, "interpolation": None}
 
 
 class RunError(ValueError):
@@ -45,7 +51,8 @@ def resolve_config(
     When ``workdir/config.json`` exists, the ``asked`` fields of ``requested`` (by their
     ``TrainConfig.flat()`` names; all of them if ``None``) must agree with it, except
     ``RESUMABLE_FIELDS``, which the resumed run takes from ``requested``, and the model
-    fields the data set decides (``DATA_MODEL_FIELDS``).
+    fields the data set decides (``DATA_MODEL_FIELDS``); an open ``SETTLED_FIELDS`` value
+    agrees with the stored, settled one.
     """
     if stored is None:
         return requested, []
@@ -58,7 +65,7 @@ def resolve_config(
     conflicts = [
         f"{f}={before[f]!r} (this command: {now[f]!r})"
         for f in sorted(asked - RESUMABLE_FIELDS)
-        if before[f] != now[f]
+        if before[f] != now[f] and not (f in SETTLED_FIELDS and now[f] == SETTLED_FIELDS[f])
     ]
     if conflicts:
         raise RunError(
@@ -69,6 +76,50 @@ def resolve_config(
     changes = {f: now[f] for f in asked & RESUMABLE_FIELDS if before[f] != now[f]}
     notes = [f"resuming with {k}={v!r} (was {before[k]!r})" for k, v in changes.items()]
     return previous.replace(**changes), notes
+
+
+def init_weights(cfg: TrainConfig, started: bool) -> Any:
+    """The weights ``init_from`` names, read once; None without init_from, or once the run
+    has checkpoints (its own weights then)."""
+    if not cfg.init_from or started:
+        return None
+    from flax_resnet.weights import resolve
+
+    try:
+        weights = resolve(cfg.init_from)
+        weights.config  # noqa: B018 - inferring the architecture may fail: say it now
+    except (OSError, ValueError) as e:
+        raise RunError(f"init_from {cfg.init_from}: {e}", "init_from") from None
+    return weights
+
+
+def architecture_of(cfg: TrainConfig, weights: Any, asked: set[str]
+                     ) -> tuple[TrainConfig, str]:
+    """``cfg`` with the architecture fields it was not told taken from ``weights``."""
+    now = cfg.flat()
+    taken = {f: weights.config[f] for f in ARCHITECTURE_FIELDS
+             if f in weights.config and f not in asked and weights.config[f] != now[f]}
+    if not taken:
+        return cfg, ""
+    try:
+        cfg = cfg.replace(**taken)
+    except ValueError as e:
+        raise RunError(f"init_from {cfg.init_from}: its architecture does not fit: {e}",
+                       "init_from") from None
+    said = ", ".join(f"{k}={v}" for k, v in taken.items())
+    return cfg, f"architecture from init_from {cfg.init_from}: {said}"
+
+
+def initial_model(cfg: TrainConfig, weights: Any) -> Any:
+    """A model of ``cfg`` holding ``weights`` (a fresh classifier where theirs does not fit)."""
+    from flax_resnet import training as T
+
+    model = T.create_model(cfg)
+    try:
+        weights.load_into(model)
+    except (OSError, ValueError, KeyError) as e:
+        raise RunError(f"init_from {cfg.init_from}: {e}", "init_from") from None
+    return model
 
 
 def read_json(path: Path) -> Any:
@@ -146,3 +197,26 @@ def prepare_workdir(workdir: Path, eval_only: bool) -> None:
                        "workdir", "workdir") from None
 
 
+
+
+class EventLog:
+    """TensorBoard event files in ``WORKDIR/tensorboard`` (tensorboardX, which needs no
+    TensorFlow). A resumed run purges the events logged after its checkpoint's step, so the
+    curves show what the run computed once."""
+
+    def __init__(self, workdir: Path, start_step: int, enabled: bool):
+        self._writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(os.fspath(workdir / TENSORBOARD_DIR),
+                                         purge_step=start_step or None)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is not None:
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

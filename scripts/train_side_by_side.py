@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch_ref
     from flax_resnet import data as data_lib
     from flax_resnet import training as ftrain
-    from flax_resnet.batches import steps_per_epoch
+    from flax_resnet.batches import eval_batches, steps_per_epoch
     from flax_resnet.config import make_config
     from flax_resnet.convert import load_torch_state_dict
     from flax_resnet.program import DataSpec, build_program
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     n_test = len(ds.test) if args.test_subset <= 0 else min(args.test_subset, len(ds.test))
     pick = np.sort(np.random.default_rng(1234).permutation(len(ds.test))[:n_test])
     test = data_lib.ArraySource(ds.test.images[pick], ds.test.labels[pick])
-    f_eval = ftrain.evaluate(eval_step, state, test, args.eval_batch, mesh)
+    f_eval = ftrain.evaluate(eval_step, state, mesh, eval_batches(test, args.eval_batch, mesh))
 
     def torch_batches():
         for start in range(0, n_test, args.eval_batch):

@@ -256,7 +256,9 @@ def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() ->
     mesh = make_mesh(jax.devices()[:1])
     program, state = build_program(cfg, mesh, DataSpec(2, ds.image_shape, ds.mean, ds.std),
                                    initial=model)
-    flax = T.evaluate(program.eval_step, state, test, 32, mesh)
+    from flax_resnet.batches import eval_batches
+
+    flax = T.evaluate(program.eval_step, state, mesh, eval_batches(test, 32, mesh))
     assert flax["count"] == 70 and flax["acc_flip"] == 1.0
     assert flax["acc"] == n_plain / 70
 
