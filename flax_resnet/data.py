@@ -47,7 +47,6 @@ from flax_resnet.sources import (
     Dataset,
     DataSource,
     DataUnavailableError,
-    EncodedImages,
     ImageSource,
     array_source,
     epoch_permutation,
@@ -174,8 +173,8 @@ def _load_imagenet(data_dir: Path) -> Dataset:
     from flax_resnet.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
     train, val, classes = imagenet2012(data_dir)
-    return Dataset("imagenet2012", EncodedImages(train), EncodedImages(val), len(classes),
-                   IMAGENET_MEAN, IMAGENET_STD, tuple(classes), "ImageNet's constants")
+    return Dataset("imagenet2012", train, val, len(classes), IMAGENET_MEAN, IMAGENET_STD,
+                   classes, "ImageNet's constants")
 
 
 def _load_tfds(name: str, data_dir: Path) -> Dataset:

@@ -140,35 +140,6 @@ class ImageFileSource:
         return self._labels
 
 
-class EncodedImages:
-    """An ``ImageSource`` over records that hold a file's encoded bytes (``encoded(i)``,
-    ``label(i)``, ``name(i)``, ``read_labels()``: the ImageNet source), decoded as the file
-    would be."""
-
-    def __init__(self, records: object):
-        self.records = records
-        self._labels: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.records)  # type: ignore[arg-type]
-
-    def image(self, index: int) -> Image.Image:
-        from flax_resnet.transforms import decode_rgb
-
-        return decode_rgb(self.records.encoded(index), self.name(index))  # type: ignore[attr-defined]
-
-    def label(self, index: int) -> int:
-        return int(self.labels()[index])
-
-    def labels(self) -> np.ndarray:
-        if self._labels is None:
-            self._labels = np.asarray(self.records.read_labels(), np.int32)  # type: ignore[attr-defined]
-        return self._labels
-
-    def name(self, index: int) -> str:
-        return str(self.records.name(index))  # type: ignore[attr-defined]
-
-
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """A data set's training and evaluation splits, in memory (``ArraySource``) or streamed
