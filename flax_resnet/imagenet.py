@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_resnet.sources import DataUnavailableError
+from flax_resnet.sources import DataError, DataUnavailableError
 
 NAME = "imagenet2012"
 ARCHIVES = {"train": "ILSVRC2012_img_train.tar", "validation": "ILSVRC2012_img_val.tar"}
@@ -30,13 +30,18 @@ ImageNet (ILSVRC2012) is not prepared in {data_dir} ({reason}).
 It cannot be downloaded automatically: register at https://image-net.org/download-images,
 download these two archives and put them, unextracted, into
     {manual_dir}/
-      ILSVRC2012_img_train.tar   (about 138 GB, 1,281,167 training images)
-      ILSVRC2012_img_val.tar     (about 6.3 GB, 50,000 validation images)
-then rerun the same command. Preparing reads them once and writes ArrayRecord files of
-about the same size (~150 GB more disk in {data_dir}); it needs TensorFlow
-(`pip install 'flax_resnet[train]'` brings the CPU build) and takes hours (it is bound by
-reading and writing ~300 GB; tfds's own estimate for this builder is several hours on one
-machine). Every later run reads the prepared files without TensorFlow.
+      ILSVRC2012_img_train.tar   (about 138 GiB = 147.9 GB, 1,281,167 training images)
+      ILSVRC2012_img_val.tar     (about 6.3 GiB = 6.7 GB, 50,000 validation images)
+(sizes from tensorflow-datasets' checksums.tsv; leave ILSVRC2012_img_test.tar out: tfds would
+also prepare its 100,000 unlabelled images) and rerun the same command. It needs TensorFlow
+(`pip install 'flax_resnet[train]'` brings the CPU build) to prepare them once: tfds copies
+the JPEG bytes into ArrayRecord files of about the archives' size (~145 GiB = ~155 GB more
+disk in {data_dir}; its shuffling writes temporary files of the same size there first,
+deleted as the final files are written; the archives can be deleted afterwards). Expect
+hours: one process reads ~155 GB and writes ~300 GB. (Approximate, not measured on ImageNet
+itself: on synthetic archives on 2 cores with the files in memory it copied ~70 MB/s, which
+would be ~40 min; slower disks make it longer.) Every later run reads the prepared files
+without TensorFlow.
 Or train from an image folder instead: --dataset folder:PATH with PATH/train/SYNSET/*.JPEG
 and PATH/val/SYNSET/*.JPEG."""
 
@@ -125,7 +130,11 @@ def imagenet2012(data_dir: str | os.PathLike
 
     try:
         _open(data_dir, "train"), _open(data_dir, "validation")
-    except Exception:  # noqa: BLE001 - not prepared (or unreadable): prepare it
+    except Exception as e:  # noqa: BLE001 - not prepared (or unreadable): prepare it
+        version_dir = data_dir / NAME / str(tfds.builder_cls(NAME).VERSION)
+        if (version_dir / "dataset_info.json").is_file():
+            # tfds never prepares over a prepared copy: the archives would not help
+            raise _unreadable(version_dir, manual_dir, e) from None
         missing = [a for a in ARCHIVES.values() if not (manual_dir / a).is_file()]
         if missing:
             raise howto(f"{' and '.join(missing)} not in {manual_dir}") from None
@@ -136,8 +145,27 @@ def imagenet2012(data_dir: str | os.PathLike
                                    file_format="array_record")
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=os.fspath(manual_dir)))
+            _open(data_dir, "train"), _open(data_dir, "validation")
         except Exception as e:  # noqa: BLE001 - every failure here means "no data"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise howto(f"preparing failed: {type(e).__name__}: {first}") from None
+            raise howto(f"preparing failed: {_first_line(e)}") from None
     return (ImageNetSource(data_dir, "train"), ImageNetSource(data_dir, "validation"),
             class_names())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _unreadable(version_dir: Path, manual_dir: Path, e: BaseException) -> DataError:
+    """A prepared copy that this reader cannot use: what it is and how to replace it."""
+    redo = (f"move {version_dir} away (or use another --data-dir) and rerun with both "
+            f"archives in {manual_dir} to prepare it again (hours; see --dataset "
+            "imagenet2012's how-to)")
+    if any(version_dir.glob(f"{NAME}-*.tfrecord-*")):
+        return DataError(
+            f"{NAME} in {version_dir} was prepared as TFRecord (tfds.load's default), "
+            "which cannot be read without TensorFlow; reading needs tfds's ArrayRecord "
+            f"copy: {redo}")
+    return DataError(f"{NAME} in {version_dir} is prepared but cannot be read "
+                     f"({_first_line(e)}); if a split is missing: {redo}")

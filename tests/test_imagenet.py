@@ -56,7 +56,24 @@ def build_archives(manual: Path) -> dict[str, bytes]:
 
 
 READ_BACK = """
-import sys
+import importlib.machinery, sys
+
+class HideTensorFlow(importlib.machinery.PathFinder):
+    # As if TensorFlow were not installed (find_spec None, import fails). Not
+    # sys.modules["tensorflow"] = None: tfds then takes TensorFlow for loaded and fails.
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorflow":
+            return None
+        return super().find_spec(name, path, target)
+
+sys.meta_path[:] = [HideTensorFlow if f is importlib.machinery.PathFinder else f
+                    for f in sys.meta_path]
+try:
+    import tensorflow
+    raise SystemExit("tensorflow is still importable")
+except ImportError:
+    pass
 import json, numpy as np
 from flax_resnet.data import load_dataset
 ds = load_dataset("imagenet2012", sys.argv[1])
@@ -81,6 +98,13 @@ def test_tiny_ilsvrc2012_prepares_and_reads_back_without_tensorflow(tmp_path):
     files = build_archives(tmp_path / "downloads" / "manual")
     train, val, classes = imagenet2012(tmp_path)  # prepares (TensorFlow is installed here)
     assert len(classes) == 1000 and list(classes) == sorted(classes)
+    # the order of the pretrained heads: timm's own synset list, read as a file (importing
+    # timm would load torch next to TensorFlow, which crashes this process)
+    import importlib.util
+
+    timm_dir = Path(importlib.util.find_spec("timm").submodule_search_locations[0])
+    timm_synsets = (timm_dir / "data" / "_info" / "imagenet_synsets.txt").read_text().split()
+    assert list(classes) == timm_synsets
     assert (len(train), len(val)) == (6, 4)
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
@@ -109,5 +133,29 @@ def test_missing_archives_say_what_goes_where(tmp_path):
         load_dataset("imagenet2012", tmp_path)
     message = str(info.value)
     for needle in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
-                   str(tmp_path / "downloads" / "manual"), "138 GB", "hours"):
+                   str(tmp_path / "downloads" / "manual"), "138 GiB", "hours"):
         assert needle in message
+
+
+def test_a_tfrecord_copy_is_named_not_mistaken_for_missing_archives(tmp_path):
+    """ImageNet prepared earlier by tfds.load (TFRecord) cannot be read without TensorFlow:
+    the error names that copy and the fix, even once the archives are gone."""
+    import shutil
+
+    import tensorflow_datasets as tfds
+
+    from flax_resnet.imagenet import imagenet2012
+    from flax_resnet.sources import DataError, DataUnavailableError
+
+    manual = tmp_path / "downloads" / "manual"
+    build_archives(manual)
+    tfds.builder("imagenet2012", data_dir=os.fspath(tmp_path)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual)))
+    for archives in ("present", "deleted"):
+        if archives == "deleted":
+            shutil.rmtree(manual)
+        with pytest.raises(DataError) as info:
+            imagenet2012(tmp_path)
+        assert not isinstance(info.value, DataUnavailableError), archives
+        message = str(info.value)
+        assert "TFRecord" in message and str(tmp_path / "imagenet2012") in message, message
