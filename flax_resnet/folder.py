@@ -114,7 +114,7 @@ def _size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.height, im.width
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"image {str(path)!r} cannot be read ({type(e).__name__}: {e}); "
+        raise DataError(f"image {str(path)!r} cannot be decoded ({type(e).__name__}: {e}); "
                         "replace or remove it") from None
 
 

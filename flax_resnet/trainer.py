@@ -309,6 +309,7 @@ class _Run:
         rows = self.rows = self._history(meta, position)
         self.elapsed = float(meta.get("elapsed_s", 0.0))
         compile_s = 0.0
+        events = self.events = EventLog(self.workdir, start, self.lead and start < total)
         if start < total:
             # Compilation counts as training time (of the first epoch this process runs), as
             # PyTorch's cudnn.benchmark autotuning does in its first epoch.
@@ -323,7 +324,6 @@ class _Run:
         epoch_start = self.epoch_start = self.mark = time.perf_counter()
         mark_step = start
         wait = wait_mark = 0.0
-        events = self.events = EventLog(self.workdir, start, self.lead)
         bar = self._bar(start // spe, first)
         for step in range(start, total):
             epoch, batch = divmod(step, spe)

@@ -104,7 +104,7 @@ def test_a_compatible_step_restores_bit_exact_in_the_like_structure(tx, tmp_path
 def test_the_versions_that_wrote_a_step_are_recorded(tmp_path):
     ckpt = _save(tmp_path / "c", _state(SGD))
     versions = ckpt.restore_meta(1)[VERSIONS]
-    assert list(versions) == ["flax_resnet", "jax", "flax", "optax", "orbax-checkpoint"]
+    assert list(versions) == ["flax_resnet", "jax", "flax", "optax", "orbax-checkpoint", "pillow"]
     assert versions == library_versions()
     assert versions["jax"] == jax.__version__ and versions["optax"] == optax.__version__
     assert ckpt.restore_raw(1)[1][VERSIONS] == versions

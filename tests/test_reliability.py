@@ -286,10 +286,10 @@ def _bad_folder(tmp_path: Path, how: str) -> tuple[Path, str]:
     if how == "empty class folder":
         _image_folder(root)
         (root / "train" / "c").mkdir()
-        return root, "images of class 'c'"
-    if how == "test lacks a class":
-        _image_folder(root, test_classes=("a",))
-        return root, "images of class 'b'"
+        return root, f"class folder {str(root / 'train' / 'c')!r} holds no"
+    if how == "test has a class train lacks":
+        _image_folder(root, test_classes=("a", "b", "z"))
+        return root, "class 'z' in"
     _image_folder(root)
     bad = root / "train" / "a" / "bad.jpg"
     if how == "truncated jpeg":
@@ -303,7 +303,7 @@ def _bad_folder(tmp_path: Path, how: str) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("how", ["truncated jpeg", "random bytes", "empty class folder",
-                                 "test lacks a class"])
+                                 "test has a class train lacks"])
 def test_a_bad_image_folder_is_named(how, tmp_path, jax_cache, capsys):
     root, needle = _bad_folder(tmp_path, how)
     args = ["--dataset", f"folder:{root}", "--depth", "20", "--width", "0.25", "--batch-size",
