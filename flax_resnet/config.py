@@ -5,6 +5,7 @@ vocabulary from here: norms (with their aliases), stems, shortcuts, init schemes
 optimizers, schedules, compute dtypes. ``ModelConfig`` is exactly the keyword arguments that
 ``flax_resnet.create_resnet`` and ``torch_ref.create_resnet`` share, validated once, when it
 is made, with errors in the library's own words (``ConfigError`` names the field).
+(``make_config`` of a recipe with bfloat16 compute imports JAX, to ask for its backend.)
 """
 
 from __future__ import annotations
@@ -38,9 +39,17 @@ INIT_SCHEMES: tuple[str, ...] = (
     "xavier_uniform", "orthogonal",
 )  # fmt: skip
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adam")
-# "study": the study's lr / 3 every 20 epochs; "step" is an alias of "multistep".
-SCHEDULES: tuple[str, ...] = ("study", "multistep", "cosine", "onecycle", "constant")
-SCHEDULE_ALIASES: dict[str, str] = {**{s: s for s in SCHEDULES}, "step": "multistep"}
+# "study": the study's lr / 3 every 20 epochs; "step" is an alias of "multistep". steplr and
+# cosine-epoch are torchvision's classification reference's --lr-scheduler steplr and
+# cosineannealinglr (with its linear warmup), stepped once per epoch; "cosineannealinglr" is
+# an alias of cosine-epoch.
+SCHEDULES: tuple[str, ...] = ("study", "multistep", "cosine", "onecycle", "constant", "steplr",
+                              "cosine-epoch")
+SCHEDULE_ALIASES: dict[str, str] = {**{s: s for s in SCHEDULES}, "step": "multistep",
+                                    "cosineannealinglr": "cosine-epoch"}
+# The schedules whose lr changes only at epoch boundaries (the others change every update).
+PER_EPOCH_SCHEDULES: tuple[str, ...] = ("study", "multistep", "constant", "steplr",
+                                        "cosine-epoch")
 
 
 class ConfigError(ValueError):
@@ -386,11 +395,13 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     dataset: str = option("cifar10", "cifar10, cifar100, folder:DIR or "
                            "synthetic[:TRAIN:TEST]", group="data")
-    dtype: str = option("float32", "compute dtype (params and optimizer state stay float32)",
+    dtype: str = option("float32", "compute dtype (params and optimizer state stay float32); "
+                         "a recipe's bfloat16 becomes float32 on a CPU backend",
                          choices=CLI_DTYPES, group="model")
     optimizer: str = option("adamw", "adamw = torch AdamW, sgd = torch SGD (coupled decay), "
                              "adam = torch Adam (coupled decay)", choices=OPTIMIZERS)
-    lr: float = option(1e-3, "peak learning rate")
+    lr: float = option(1e-3, "peak learning rate (the imagenet, imagenet-cosine and finetune "
+                       "recipes' scales linearly with a batch size given without an lr)")
     weight_decay: float = option(1e-2, "weight decay (torch's semantics per optimizer)")
     momentum: float = option(0.9, "SGD momentum")
     nesterov: bool = option(False, "Nesterov momentum (SGD)")
@@ -401,12 +412,20 @@ class TrainConfig:
     epochs: int = option(80, "training epochs")
     schedule: str = option(
         "study", "study: lr/3 every 20 epochs; step/multistep: lr*gamma at lr-milestones; "
-        "cosine: warmup + cosine (per step); onecycle; constant. Epoch-based ones change at "
-        "epoch boundaries", choices=tuple(SCHEDULE_ALIASES))
-    warmup_epochs: float = option(0.0, "linear warmup (cosine) / rising phase (onecycle)")
+        "cosine: warmup + cosine (per step); onecycle; constant; steplr: lr*gamma every "
+        "lr-step-epochs epochs (torchvision's StepLR); cosine-epoch (alias cosineannealinglr): "
+        "torchvision's LinearLR warmup from lr*warmup-start-factor + CosineAnnealingLR to 0, "
+        "per epoch. All but cosine and onecycle change at epoch boundaries",
+        choices=tuple(SCHEDULE_ALIASES))
+    warmup_epochs: float = option(0.0, "linear warmup (cosine, cosine-epoch: whole epochs) / "
+                                  "rising phase (onecycle)")
     lr_milestones: tuple[float, ...] = option((0.5, 0.75), "multistep milestones as "
                                                "fractions of the epochs")
-    lr_gamma: float = option(0.1, "multistep factor")
+    lr_gamma: float = option(0.1, "multistep and steplr factor")
+    lr_step_epochs: int = option(30, "steplr: multiply the lr by lr-gamma every this many "
+                                 "epochs (torchvision's --lr-step-size)")
+    warmup_start_factor: float = option(0.01, "cosine-epoch: the first warmup epoch's lr as a "
+                                        "fraction of lr (torchvision's --lr-warmup-decay)")
     label_smoothing: float = option(0.0, "label smoothing of the training loss")
     augment: str = option("auto", "training augmentation: pad-crop-flip (on the device), "
                            "random-resized-crop (torchvision's, on the host), none, or auto "
@@ -436,6 +455,9 @@ class TrainConfig:
         "saved model or a run directory; the classifier is replaced if the class count "
         "differs); recorded with the run and used until its first checkpoint exists",
         group="model", metavar="PATH")
+    reset_classifier: bool = option(
+        False, "start from a freshly initialised classifier even when the init_from weights' "
+        "has the data's class count (fine-tuning)", group="model")
     input_stats: str = option(
         "auto", "input mean/std: auto (the init_from weights' preprocessing when they carry "
         "one, else the data set's), data, or weights", choices=INPUT_STATS, group="data")
@@ -472,6 +494,15 @@ class TrainConfig:
         schedule = canonical_schedule(self.schedule)
         check_positive("lr", self.lr)
         check_positive("lr_gamma", self.lr_gamma)
+        check_integer("lr_step_epochs", self.lr_step_epochs, 1)
+        if (isinstance(self.warmup_start_factor, bool)
+                or not isinstance(self.warmup_start_factor, (int, float))
+                or not 0.0 < self.warmup_start_factor <= 1.0):
+            raise ConfigError("warmup_start_factor", f"warmup_start_factor "
+                              f"{self.warmup_start_factor!r} is not allowed; it must be in (0, 1]")
+        if not isinstance(self.reset_classifier, bool):
+            raise ConfigError("reset_classifier", f"reset_classifier {self.reset_classifier!r} "
+                                                  "is not allowed; it must be true or false")
         for name in ("weight_decay", "warmup_epochs"):
             check_positive(name, getattr(self, name), strict=False)
         for name, least in (("batch_size", 1), ("epochs", 1), ("augment_pad", 0)):
@@ -490,9 +521,14 @@ class TrainConfig:
                 f"lr_milestones {','.join(map(str, milestones))} is not allowed; they are "
                 "fractions of the epochs, each in (0, 1]",
             )
-        if schedule in ("cosine", "onecycle") and self.warmup_epochs >= self.epochs:
+        if (schedule in ("cosine", "onecycle", "cosine-epoch")
+                and self.warmup_epochs >= self.epochs):
             raise ConfigError("warmup_epochs", f"warmup_epochs {self.warmup_epochs} must be "
                                                f"below epochs {self.epochs}")
+        if schedule == "cosine-epoch" and self.warmup_epochs != int(self.warmup_epochs):
+            raise ConfigError("warmup_epochs", f"warmup_epochs {self.warmup_epochs} is not "
+                              "allowed with schedule cosine-epoch, which steps once per epoch: "
+                              "give a whole number of epochs")
         object.__setattr__(self, "schedule", schedule)
         object.__setattr__(self, "lr_milestones", tuple(float(m) for m in milestones))
 
@@ -537,6 +573,20 @@ class TrainConfig:
         return cls(**d)
 
 
+# torchvision's classic ImageNet training (references/classification/train.py defaults with
+# --model resnet50), shared by the imagenet recipes; bfloat16 compute on GPU/TPU.
+_IMAGENET: dict[str, Any] = {
+    "depth": 50, "stem": "imagenet", "init": "torchvision", "optimizer": "sgd", "lr": 0.1,
+    "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "decay_norm_and_bias": True,
+    "batch_size": 256, "epochs": 90, "augment": "random-resized-crop", "image_size": 224,
+    "resize_size": 256, "interpolation": "bilinear", "dataset": "imagenet2012",
+    "dtype": "bfloat16", "scale_lr_with_batch": True,
+}  # fmt: skip
+
+# Recipe keys that are no config fields: "scale_lr_with_batch": the recipe's lr is for its
+# batch_size, and make_config scales it linearly when only the batch size is overridden.
+RECIPE_OPTIONS: frozenset[str] = frozenset({"scale_lr_with_batch"})
+
 RECIPES: dict[str, dict[str, Any]] = {
     # The study's PyTorch run: ResNet-34, imagenet stem, BatchNorm, AdamW(1e-3) with
     # torch's default weight decay 1e-2 on every parameter, batch 100, 80 epochs, lr / 3
@@ -563,6 +613,31 @@ RECIPES: dict[str, dict[str, Any]] = {
         "batch_size": 512, "epochs": 30, "schedule": "cosine", "warmup_epochs": 2.0,
         "label_smoothing": 0.1, "eval_flip": True,
     },
+    # torchvision's classification reference, the classic recipe behind IMAGENET1K_V1
+    # (--lr-scheduler steplr): ResNet-50, torchvision's init, SGD 0.1 per 256 images, momentum
+    # 0.9, weight decay 1e-4 (coupled) on every parameter (--norm-weight-decay None), batch
+    # 256, 90 epochs, lr / 10 every 30 epochs (StepLR, per epoch: --epochs 120 steps at 30, 60
+    # and 90), RandomResizedCrop 224 for training, resize 256 + center crop 224 to evaluate.
+    "imagenet": {**_IMAGENET, "schedule": "steplr", "lr_step_epochs": 30, "lr_gamma": 0.1,
+                 "label_smoothing": 0.0},
+    # The same with torchvision's --lr-scheduler cosineannealinglr --lr-warmup-method linear
+    # --lr-warmup-epochs 5 --lr-warmup-decay 0.01 (SequentialLR of LinearLR and
+    # CosineAnnealingLR to 0, per epoch; the 5 warmup epochs stay 5 when --epochs changes) and
+    # label smoothing 0.1.
+    "imagenet-cosine": {**_IMAGENET, "schedule": "cosine-epoch", "warmup_epochs": 5.0,
+                        "warmup_start_factor": 0.01, "label_smoothing": 0.1},
+    # Fine-tuning pretrained weights (--init-from) on the user's data set (--dataset
+    # folder:DIR) with a freshly initialised classifier: SGD 0.01 per 256 images (0.0025 at
+    # the batch 64 of one GPU), momentum 0.9, weight decay 1e-4, cosine to 0 over 10 epochs
+    # per epoch (no warmup), label smoothing 0.1, RandomResizedCrop at the weights' input
+    # size.
+    "finetune": {
+        "depth": 50, "optimizer": "sgd", "lr": 0.0025, "momentum": 0.9,
+        "nesterov": False, "weight_decay": 1e-4, "decay_norm_and_bias": True, "batch_size": 64,
+        "epochs": 10, "schedule": "cosine-epoch", "warmup_epochs": 0.0,
+        "label_smoothing": 0.1, "augment": "random-resized-crop", "reset_classifier": True,
+        "dtype": "bfloat16", "scale_lr_with_batch": True,
+    },
 }  # fmt: skip
 
 
@@ -570,12 +645,40 @@ def make_config(recipe: str = "study", **overrides: Any) -> TrainConfig:
     """The recipe's config with ``overrides`` (any field by its own name; ``None`` values
     are ignored), validated.
 
-    When ``epochs`` is overridden but not ``warmup_epochs``, the preset's warmup is scaled
-    by the same factor (``fast``: 2 of 30 epochs stays 1/15 of the run).
+    * When ``epochs`` is overridden but not ``warmup_epochs``, the preset's warmup is scaled
+      by the same factor (``fast``: 2 of 30 epochs stays 1/15 of the run), except for the
+      schedules stepped per epoch (``cosine-epoch``): their warmup counts whole epochs, as
+      torchvision's ``--lr-warmup-epochs``, and stays.
+    * Recipes with ``scale_lr_with_batch`` (``imagenet``, ``imagenet-cosine``,
+      ``finetune``): when ``batch_size`` is overridden but not ``lr``, the lr is scaled
+      linearly by ``batch_size / the recipe's batch_size`` (``imagenet`` at batch 1024: 0.4).
+      The other recipes keep their lr (``fast``'s 0.4 is its own scaling of 0.1 per 128).
+    * A recipe's ``bfloat16`` compute dtype, unless ``dtype`` is overridden, becomes
+      ``float32`` when JAX's default backend is the CPU (bfloat16 is an accelerator's format;
+      on a CPU it is slow and inexact). This asks JAX for its backend, which initialises it:
+      in a multi-process run call this after ``jax.distributed.initialize``.
     """
     check_choice("recipe", recipe, tuple(RECIPES))
     preset = dict(RECIPES[recipe])
+    options = {k: preset.pop(k) for k in RECIPE_OPTIONS if k in preset}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "warmup_epochs" in preset and "epochs" in overrides and "warmup_epochs" not in overrides:
+    schedule = SCHEDULE_ALIASES.get(overrides.get("schedule", preset.get("schedule")), "")
+    if ("warmup_epochs" in preset and "epochs" in overrides and "warmup_epochs" not in overrides
+            and schedule not in PER_EPOCH_SCHEDULES):
         preset["warmup_epochs"] = preset["warmup_epochs"] * overrides["epochs"] / preset["epochs"]
+    if (options.get("scale_lr_with_batch") and "batch_size" in overrides
+            and "lr" not in overrides):
+        preset["lr"] = preset["lr"] * overrides["batch_size"] / preset["batch_size"]
+    if preset.get("dtype") == "bfloat16" and "dtype" not in overrides and _backend() == "cpu":
+        preset["dtype"] = "float32"
     return TrainConfig.from_flat({**preset, **overrides})
+
+
+def _backend() -> str:
+    """JAX's default backend ("cpu", "gpu", "tpu"), "cpu" without JAX (this module does
+    not need it otherwise, so it is imported only here)."""
+    try:
+        import jax
+    except ImportError:
+        return "cpu"
+    return jax.default_backend()

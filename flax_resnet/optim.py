@@ -1,10 +1,11 @@
 """Optimizers and learning-rate schedules with PyTorch's semantics, from a ``TrainConfig``.
 
-Schedules step at **epoch boundaries** for ``study``, ``multistep`` and ``constant`` (the
-value during epoch ``e`` is the value a PyTorch scheduler stepped once per epoch gives in
-epoch ``e``); ``cosine`` (with linear warmup) and ``onecycle`` change every step, like
-PyTorch's ``OneCycleLR`` or a per-batch stepped cosine (``onecycle`` is ``OneCycleLR``'s
-exact formula, update for update).
+Schedules step at **epoch boundaries** for ``study``, ``multistep``, ``constant``, ``steplr``
+and ``cosine-epoch`` (``PER_EPOCH_SCHEDULES``: the value during epoch ``e`` is the value a
+PyTorch scheduler stepped once per epoch gives in epoch ``e``, as torchvision's
+classification reference steps its schedulers); ``cosine`` (with linear warmup) and
+``onecycle`` change every step, like PyTorch's ``OneCycleLR`` or a per-batch stepped cosine
+(``onecycle`` is ``OneCycleLR``'s exact formula, update for update).
 """
 
 from __future__ import annotations
@@ -83,6 +84,32 @@ def _onecycle(cfg: TrainConfig, spe: int) -> optax.Schedule:
     return onecycle
 
 
+def _steplr(cfg: TrainConfig, spe: int) -> optax.Schedule:
+    # torch.optim.lr_scheduler.StepLR(step_size=lr_step_epochs, gamma=lr_gamma), per epoch.
+    lr, gamma, size = float(cfg.lr), float(cfg.lr_gamma), int(cfg.lr_step_epochs)
+    return lambda count: lr * jnp.power(
+        gamma, (jnp.asarray(count) // spe // size).astype(_default_float())
+    )
+
+
+def _cosine_epoch(cfg: TrainConfig, spe: int) -> optax.Schedule:
+    # torchvision's cosineannealinglr with linear warmup, stepped once per epoch:
+    # SequentialLR([LinearLR(start_factor, total_iters=W), CosineAnnealingLR(T_max=E - W)],
+    # milestones=[W]); epoch e < W runs at lr·(start + (1 - start)·e / W), epoch e ≥ W at
+    # lr·(1 + cos(π (e - W) / (E - W))) / 2 (held at 0 past the end, where torch's would rise).
+    lr, start = float(cfg.lr), float(cfg.warmup_start_factor)
+    warmup, epochs = int(cfg.warmup_epochs), int(cfg.epochs)
+    decay = max(1, epochs - warmup)
+
+    def cosine_epoch(count: jax.Array) -> jax.Array:
+        epoch = (jnp.asarray(count) // spe).astype(_default_float())
+        warm = lr * (start + (1.0 - start) * epoch / max(warmup, 1))
+        t = jnp.clip((epoch - warmup) / decay, 0.0, 1.0)
+        return jnp.where(epoch < warmup, warm, 0.5 * lr * (1.0 + jnp.cos(jnp.pi * t)))
+
+    return cosine_epoch
+
+
 # canonical schedule name -> (config, steps per epoch) -> lr of the update count
 SCHEDULE_BUILDERS: dict[str, Callable[[TrainConfig, int], optax.Schedule]] = {
     "study": _study,
@@ -90,6 +117,8 @@ SCHEDULE_BUILDERS: dict[str, Callable[[TrainConfig, int], optax.Schedule]] = {
     "cosine": _cosine,
     "onecycle": _onecycle,
     "constant": _constant,
+    "steplr": _steplr,
+    "cosine-epoch": _cosine_epoch,
 }
 
 
@@ -102,7 +131,11 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     update uses ``lr / warmup_steps``), then cosine to 0 at the last step. ``onecycle``:
     PyTorch ``OneCycleLR`` (cosine, no momentum cycling) with its defaults: from ``lr/25``
     up to ``lr`` over ``warmup_epochs`` (30% of training when 0), down to ``lr/25/1e4``.
-    Computed in float32, or float64 while JAX is 64-bit.
+    ``steplr``: ``lr * lr_gamma**(epoch // lr_step_epochs)`` (torch ``StepLR``).
+    ``cosine-epoch``: torchvision's per-epoch ``LinearLR`` warmup over ``warmup_epochs``
+    whole epochs from ``lr * warmup_start_factor``, then ``CosineAnnealingLR`` from ``lr``
+    to 0 over the remaining epochs (the last epoch's lr is still above 0). These two change
+    only at epoch boundaries too. Computed in float32, or float64 while JAX is 64-bit.
     """
     spe = int(steps_per_epoch)
     if spe < 1:

@@ -37,7 +37,16 @@ emitters and Eigen threads) and torch on 1 or 2 threads, with or without mkldnn:
 6.5e-11): ≥ 670x headroom for another CPU's summation order. Every known semantic slip planted
 into the Flax side exceeds the tolerances by ≥ 2e5 (``test_planted_slips_fail_the_float64_check``:
 AdamW decay 1e-4 2.3e5x, SGD decay after the momentum 9e7x, label smoothing ε/(K-1) 5e8x,
-BatchNorm momentum 0.9 8e10x, biased running variance 6e7x).
+BatchNorm momentum 0.9 8e10x, biased running variance 6e7x, torchvision's per-epoch cosine
+stepped per batch 1.5e10x).
+
+**The recipes** (``test_recipe_float64_every_step``): ``imagenet`` (StepLR), ``imagenet-cosine``
+(LinearLR warmup + CosineAnnealingLR) and ``finetune`` (CosineAnnealingLR), torchvision's
+schedulers stepped once per epoch, as ``make_config`` gives them with compressed schedules:
+float64 free runs of ``RECIPE_STEPS`` = 12 steps, 3 per epoch, at the same float64
+tolerances. Their lr sequences are checked against torchvision's own scheduler code
+(``test_recipe_lrs_are_torchvisions``), and schedule slips against that check
+(``test_planted_schedule_slips_fail_the_lr_check``).
 
 **float32, the product's precision** (``test_float32_within_the_noise_floor``): flax32 against
 torch32 from the same float32 weights (every shadow step; the free run's first step), judged
@@ -158,9 +167,11 @@ class Case:
     batch: int
     steps_per_epoch: int
     config: dict[str, Any]
+    recipe: str = "study"
+    steps: int = STEPS
 
     def cfg(self, dtype: str = "float32") -> TrainConfig:
-        return make_config("study", dataset="synthetic", dtype=dtype, **self.config)
+        return make_config(self.recipe, dataset="synthetic", dtype=dtype, **self.config)
 
 
 CASES = [
@@ -212,9 +223,35 @@ CASES = [
         ),
     ),
 ]
-CASES_BY_ID = {c.id: c for c in CASES}
 FREE_IDS = [c.id for c in CASES if c.mode == "free"]
 SHADOW_IDS = [c.id for c in CASES if c.mode == "shadow"]
+
+# The recipes with torchvision's per-epoch schedules, float64 free runs of RECIPE_STEPS steps
+# (4 epochs of 3 steps: lr changes at epoch boundaries inside the run): each recipe as
+# make_config gives it (SGD, momentum 0.9, coupled decay on every parameter, its label
+# smoothing, its lr scaled from its batch to the case's 32), on ResNet-18 at 1/16 width with
+# the imagenet stem (the recipes' ResNet-50 would compile longer; the bottleneck's parity is
+# the AdamW case's), its schedule compressed: imagenet's lr / 10 every 30 of 90 epochs as every
+# 2 epochs, imagenet-cosine's 5 warmup epochs of 90 as 2 of 5, finetune's cosine over 10
+# epochs as over 4. The recipes' augmentation (random-resized-crop) runs on the host, so the
+# step gets the batch as it is. Measured worst flax64-vs-torch64 errors: state 4.5e-14,
+# update 1.5e-12, momentum 1.4e-13, loss 7.9e-15 (>= 700x below the float64 tolerances); well
+# conditioned: torch64's own noise floor over the run is <= 5e-4 of the tolerances
+# (test_free_run_is_well_conditioned).
+RECIPE_STEPS = 12
+_RECIPE_MODEL = dict(depth=18, width=1 / 16, stem="imagenet", batch_size=32)
+RECIPE_CASES = [
+    Case("recipe-imagenet-steplr", mode="free", image_size=32, batch=32, steps_per_epoch=3,
+         recipe="imagenet", steps=RECIPE_STEPS,
+         config=dict(_RECIPE_MODEL, epochs=4, lr_step_epochs=2)),
+    Case("recipe-imagenet-cosine-warmup", mode="free", image_size=32, batch=32,
+         steps_per_epoch=3, recipe="imagenet-cosine", steps=RECIPE_STEPS,
+         config=dict(_RECIPE_MODEL, epochs=5, warmup_epochs=2)),
+    Case("recipe-finetune-cosine", mode="free", image_size=32, batch=32, steps_per_epoch=3,
+         recipe="finetune", steps=RECIPE_STEPS, config=dict(_RECIPE_MODEL, epochs=4)),
+]
+RECIPE_IDS = [c.id for c in RECIPE_CASES]
+CASES_BY_ID = {c.id: c for c in CASES + RECIPE_CASES}
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,11 +283,12 @@ def moment_names(cfg: TrainConfig) -> dict[str, str]:
 
 
 def batches(case: Case) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``STEPS`` uint8 NHWC batches of learnable synthetic images, and their labels."""
-    ds = data_lib.synthetic_dataset(case.batch * STEPS, 1, image_size=case.image_size, seed=1)
+    """``case.steps`` uint8 NHWC batches of learnable synthetic images, and their labels."""
+    ds = data_lib.synthetic_dataset(case.batch * case.steps, 1, image_size=case.image_size,
+                                    seed=1)
     b = case.batch
     return [(ds.train.images[s * b : (s + 1) * b], ds.train.labels[s * b : (s + 1) * b])
-            for s in range(STEPS)]
+            for s in range(case.steps)]
 
 
 Snapshot = tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray] | None]]
@@ -272,10 +310,12 @@ class TorchSide:
         self.criterion = ttrain.make_criterion(self.cfg)
 
     def step(self, s: int, images: np.ndarray, labels: np.ndarray) -> float:
-        # The crops and flips the Flax step draws at update s (its documented key).
-        key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), s)
-        offsets, flips = data_lib.augment_params(key, images.shape[0], self.cfg.augment_pad)
-        x = ttrain.augment(ttrain.nhwc_to_nchw(images), offsets, flips, self.cfg.augment_pad)
+        x = ttrain.nhwc_to_nchw(images)
+        if ftrain.device_augment(self.cfg):  # else the host augments, before the step
+            # The crops and flips the Flax step draws at update s (its documented key).
+            key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), s)
+            offsets, flips = data_lib.augment_params(key, images.shape[0], self.cfg.augment_pad)
+            x = ttrain.augment(x, offsets, flips, self.cfg.augment_pad)
         x = ttrain.normalize(x, data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD, self.dtype)
         y = torch.as_tensor(labels, dtype=torch.long)
         return float(ttrain.train_step(self.model, self.optimizer, self.scheduler, x, y,
@@ -724,6 +764,29 @@ def torch64_noise_floor(case_id: str) -> list[Errors]:
     return per_step
 
 
+@functools.cache
+def recipe_run(case_id: str) -> Run:
+    """A recipe's float64 free run: flax64 and torch64 each train on their own, compared
+    after every step (float64 only: the float32 checks are the recipe-independent cases')."""
+    case = CASES_BY_ID[case_id]
+    t64 = TorchSide(case, "float64")
+    with precision("float64"):
+        f64 = FlaxSide(case, t64.model, "float64")
+        s64 = f64.initial_state()
+    initial = t64.snapshot()
+    run = Run()
+    for s, (images, labels) in enumerate(batches(case)):
+        with precision("float64"):
+            s64, l_f64 = f64.step(s64, images, labels)
+            snap64 = f64.snapshot(s64)
+        l_t64 = t64.step(s, images, labels)
+        run.errors64.append(compare(snap64, t64.snapshot(), initial[0], (l_f64, l_t64)))
+        run.violations += _count_violations(f64, s64, t64, s)
+        if s < PLANT_STEPS:
+            run.reference.append((initial, t64.snapshot(), l_t64))
+    return run
+
+
 # --------------------------------------------------------------------------------------------
 # pieces: augmentation, schedules, decay groups (no training, fast)
 # --------------------------------------------------------------------------------------------
@@ -774,6 +837,12 @@ SCHEDULE_CASES = [
     (dict(schedule="onecycle", epochs=10), 3),
     (dict(schedule="onecycle", epochs=10, warmup_epochs=2.0), 3),
     (dict(schedule="onecycle", epochs=7, warmup_epochs=1.5), 1),
+    (dict(schedule="steplr", epochs=10, lr_step_epochs=3, lr_gamma=0.1), 3),
+    (dict(schedule="steplr", epochs=7, lr_step_epochs=2, lr_gamma=0.5), 1),
+    (dict(schedule="cosine-epoch", epochs=10, warmup_epochs=0.0), 3),
+    (dict(schedule="cosine-epoch", epochs=10, warmup_epochs=2.0, warmup_start_factor=0.01), 3),
+    (dict(schedule="cosineannealinglr", epochs=12, warmup_epochs=5.0,
+          warmup_start_factor=0.25), 2),
 ]
 
 
@@ -808,6 +877,141 @@ def test_schedule_matches_torch_scheduler(overrides, spe, dtype):
     )
 
 
+def torchvision_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig
+                             ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The scheduler of torchvision's ``references/classification/train.py`` for
+    ``--lr-scheduler steplr`` / ``cosineannealinglr`` with ``--lr-warmup-method linear``,
+    written as that script builds it (independently of ``torch_ref.training``): its flags
+    ``--lr-step-size``, ``--lr-gamma``, ``--lr-warmup-epochs``, ``--lr-warmup-decay``,
+    ``--lr-min`` are ``cfg``'s ``lr_step_epochs``, ``lr_gamma``, ``warmup_epochs``,
+    ``warmup_start_factor`` and 0."""
+    sched = torch.optim.lr_scheduler
+    warmup_epochs = int(cfg.warmup_epochs)
+    if cfg.schedule == "steplr":
+        main = sched.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
+    else:
+        assert cfg.schedule == "cosine-epoch"
+        main = sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs - warmup_epochs,
+                                       eta_min=0.0)
+    if warmup_epochs > 0:
+        warmup = sched.LinearLR(optimizer, start_factor=cfg.warmup_start_factor,
+                                total_iters=warmup_epochs)
+        return sched.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
+    return main
+
+
+def torchvision_lrs(cfg: TrainConfig, steps_per_epoch: int) -> np.ndarray:
+    """The lr of every update of torchvision's loop: ``get_last_lr()`` during each batch,
+    ``lr_scheduler.step()`` after each epoch."""
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    optimizer = torch.optim.SGD([p], lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torchvision_lr_scheduler(optimizer, cfg)
+    lrs = []
+    for _ in range(cfg.epochs):
+        for _ in range(steps_per_epoch):
+            lrs.append(scheduler.get_last_lr()[0])
+            optimizer.step()  # no grad: a no-op that keeps torch's step-order check quiet
+        scheduler.step()
+    return np.array(lrs)
+
+
+def lr_mismatches(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-14) -> np.ndarray:
+    """The updates whose lr differs from ``expected`` by more than ``rtol`` of its peak
+    (float64 schedules agree with torch's Python floats to <= 3e-16 of it)."""
+    return np.flatnonzero(np.abs(actual - expected) > rtol * np.abs(expected).max())
+
+
+# The recipes' schedules, compressed (epochs, step size, warmup): imagenet's lr / 10 every 30
+# of 90 epochs as every 3 of 10; imagenet-cosine's 5 warmup epochs + cosine over 85 as 2 + 10;
+# finetune's cosine over 10 epochs as is. 4 updates per epoch.
+RECIPE_SCHEDULES = {
+    "imagenet": dict(epochs=10, lr_step_epochs=3),
+    "imagenet-cosine": dict(epochs=12, warmup_epochs=2),
+    "finetune": dict(epochs=10),
+}
+RECIPE_SPE = 4
+
+
+def _recipe_schedule_cfg(recipe: str) -> TrainConfig:
+    return make_config(recipe, dtype="float32", **RECIPE_SCHEDULES[recipe])
+
+
+@pytest.mark.parametrize("recipe", list(RECIPE_SCHEDULES))
+def test_recipe_lrs_are_torchvisions(recipe):
+    """Every update's lr of a recipe (float64 ``make_schedule``) is the ``get_last_lr()``
+    of torchvision's scheduler stepped once per epoch, to 1e-14 of the peak, and
+    ``torch_ref``'s ``make_scheduler`` gives torchvision's very numbers."""
+    cfg = _recipe_schedule_cfg(recipe)
+    n = RECIPE_SPE * cfg.epochs
+    expected = torchvision_lrs(cfg, RECIPE_SPE)
+    with precision("float64"):
+        flax_lr = np.asarray(jax.vmap(make_schedule(cfg, RECIPE_SPE))(jnp.arange(n)))
+    bad = lr_mismatches(flax_lr, expected)
+    assert bad.size == 0, (bad[:8].tolist(), flax_lr[bad[:4]], expected[bad[:4]])
+    # constant within each epoch, and changing at some epoch boundaries
+    per_epoch = expected.reshape(cfg.epochs, RECIPE_SPE)
+    assert (per_epoch == per_epoch[:, :1]).all() and len(set(per_epoch[:, 0])) > 2
+
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    optimizer = torch.optim.SGD([p], lr=cfg.lr)
+    scheduler = ttrain.make_scheduler(optimizer, cfg, RECIPE_SPE)
+    ref = []
+    for _ in range(n):
+        ref.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    np.testing.assert_array_equal(ref, expected)
+
+
+def _stepped_per_batch(cfg: TrainConfig, spe: int) -> optax.Schedule:
+    """Planted: the recipe's scheduler, as built, stepped after every batch instead of after
+    every epoch."""
+    return make_schedule(cfg, 1)
+
+
+def _cosine_per_step(cfg: TrainConfig, spe: int) -> optax.Schedule:
+    """Planted: the warmup and cosine spread over the updates, changing at every one (the
+    per-step ``cosine`` of the ``fast`` recipe, with this warmup's start factor)."""
+    stretched = cfg.replace(epochs=cfg.epochs * spe, warmup_epochs=cfg.warmup_epochs * spe)
+    return make_schedule(stretched, 1)
+
+
+def _linear_warmup_from_lr_over_steps(cfg: TrainConfig, spe: int) -> optax.Schedule:
+    """Planted: the per-step cosine's warmup convention (from lr / warmup steps, per step)."""
+    return make_schedule(cfg.replace(schedule="cosine"), spe)
+
+
+def _steplr_one_epoch_late(cfg: TrainConfig, spe: int) -> optax.Schedule:
+    """Planted: StepLR's lr / 10 taking effect one epoch after the step-size-th epoch."""
+    schedule = make_schedule(cfg, spe)
+    return lambda count: schedule(jnp.maximum(jnp.asarray(count) - spe, 0))
+
+
+PLANTED_SCHEDULES = {
+    "imagenet-stepped-per-batch": ("imagenet", _stepped_per_batch),
+    "imagenet-cosine-stepped-per-batch": ("imagenet-cosine", _stepped_per_batch),
+    "imagenet-cosine-per-step": ("imagenet-cosine", _cosine_per_step),
+    "finetune-cosine-per-step": ("finetune", _cosine_per_step),
+    "imagenet-cosine-per-step-warmup": ("imagenet-cosine", _linear_warmup_from_lr_over_steps),
+    "imagenet-steplr-one-epoch-late": ("imagenet", _steplr_one_epoch_late),
+}
+
+
+@pytest.mark.parametrize("slip", list(PLANTED_SCHEDULES))
+def test_planted_schedule_slips_fail_the_lr_check(slip):
+    """A recipe schedule with a known slip differs from torchvision's lrs where
+    ``test_recipe_lrs_are_torchvisions`` looks (the very ``lr_mismatches`` check)."""
+    recipe, plant = PLANTED_SCHEDULES[slip]
+    cfg = _recipe_schedule_cfg(recipe)
+    with precision("float64"):
+        slipped = np.asarray(jax.vmap(plant(cfg, RECIPE_SPE))(
+            jnp.arange(RECIPE_SPE * cfg.epochs)))
+    bad = lr_mismatches(slipped, torchvision_lrs(cfg, RECIPE_SPE))
+    print(f"\n{slip}: lr differs at {bad.size} of {slipped.size} updates")
+    assert bad.size > 0
+
+
 def test_decay_groups_match_flax_mask():
     """``decay_norm_and_bias=False``: torch's no-decay group is exactly optax's masked-out set."""
     cfg = make_config("study", depth=18, width=1 / 16, decay_norm_and_bias=False)
@@ -830,6 +1034,8 @@ def test_decay_groups_match_flax_mask():
 
 
 def _run(case_id: str) -> Run:
+    if case_id in RECIPE_IDS:
+        return recipe_run(case_id)
     return free_run(case_id) if CASES_BY_ID[case_id].mode == "free" else shadow_run(case_id)
 
 
@@ -868,7 +1074,23 @@ def test_float32_within_the_noise_floor(case_id):
     assert not bad, "\n".join(bad[:20])
 
 
-@pytest.mark.parametrize("case_id", FREE_IDS)
+@pytest.mark.parametrize("case_id", RECIPE_IDS)
+def test_recipe_float64_every_step(case_id):
+    """A recipe's training (torchvision's per-epoch schedule, SGD, coupled decay, label
+    smoothing) in flax64 = torch64 (``torch.optim.SGD``, the torch schedulers stepped per
+    epoch, ``nn.CrossEntropyLoss(label_smoothing)``): loss, params, running stats and
+    momentum buffers to ``F64_RTOL``, updates to ``F64_UPDATE_RTOL``, after every step."""
+    case = CASES_BY_ID[case_id]
+    run = recipe_run(case_id)
+    print("\n" + report(f"{case_id}: float64, worst relative errors over {case.steps} steps",
+                        worst_over_steps(run.errors64)))
+    assert len(run.errors64) == case.steps
+    assert not run.violations, "\n".join(run.violations[:20])
+    bad = [m for s, e in enumerate(run.errors64) for m in check64(e, f"step {s + 1}")]
+    assert not bad, "\n".join(bad[:20])
+
+
+@pytest.mark.parametrize("case_id", FREE_IDS + RECIPE_IDS)
 def test_free_run_is_well_conditioned(case_id):
     """The float64 free run's own noise floor — torch64 against torch64 with its initial
     weights perturbed by ``NOISE64`` (a few float64 ulps) — stays ``NOISE_MARGIN`` below the
@@ -945,6 +1167,13 @@ def _bn_biased_running_var(monkeypatch):
     monkeypatch.setattr(norms.BatchNorm2d, "_update_running_stats", slipped)
 
 
+def _cosine_epoch_stepped_per_batch(monkeypatch):
+    """torchvision's per-epoch cosine (``cosine-epoch``) stepped after every batch."""
+    build = foptim.SCHEDULE_BUILDERS["cosine-epoch"]
+    monkeypatch.setitem(foptim.SCHEDULE_BUILDERS, "cosine-epoch",
+                        lambda cfg, steps_per_epoch: build(cfg, 1))
+
+
 PLANTED: dict[str, tuple[str, Callable[[pytest.MonkeyPatch], None]]] = {
     "adamw-decay-1e-4": ("shadow-adamw-gn-bottleneck50", _adamw_default_decay),
     "sgd-decay-after-momentum": ("shadow-sgd-rms-he20-cosine", _sgd_decay_after_momentum),
@@ -952,6 +1181,8 @@ PLANTED: dict[str, tuple[str, Callable[[pytest.MonkeyPatch], None]]] = {
                                      _label_smoothing_over_k_minus_1),
     "bn-momentum-0.9": ("free-sgd-nesterov-bn-basic18", _bn_momentum_0_9),
     "bn-biased-running-var": ("free-sgd-nesterov-bn-basic18", _bn_biased_running_var),
+    "cosine-epoch-stepped-per-batch": ("recipe-finetune-cosine",
+                                       _cosine_epoch_stepped_per_batch),
 }
 
 
@@ -1002,3 +1233,14 @@ def test_cases_cover_the_issue():
     for case in CASES:
         if case.config["schedule"] == "study":  # a ÷3 boundary inside the steps
             assert STEPS > 20 * case.steps_per_epoch
+    # every recipe with a per-epoch schedule is trained, with lr changes at epoch boundaries
+    # inside the run and several steps per epoch
+    assert {c.recipe for c in RECIPE_CASES} == {"imagenet", "imagenet-cosine", "finetune"}
+    for case in RECIPE_CASES:
+        cfg = case.cfg("float64")
+        assert case.steps_per_epoch > 1 and cfg.schedule in ("steplr", "cosine-epoch")
+        with precision("float64"):
+            lrs = np.asarray(jax.vmap(make_schedule(cfg, case.steps_per_epoch))(
+                jnp.arange(case.steps)))
+        changes = np.flatnonzero(np.diff(lrs)) + 1
+        assert changes.size >= 1 and not (changes % case.steps_per_epoch).any(), changes

@@ -110,12 +110,72 @@ def test_recipes_and_overrides():
     assert make_config(schedule="step").schedule == "multistep"
     cfg = make_config("fast", lr=0.05)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # fast's lr is its own: a batch override does not rescale it (nor he's, nor study's)
+    assert make_config("fast", batch_size=128).lr == 0.4
+    assert make_config("he", batch_size=256).lr == 0.1
+
+
+def test_torchvision_recipes():
+    """imagenet / imagenet-cosine / finetune: torchvision's classification reference."""
+    net = make_config("imagenet", dtype="float32")
+    assert (net.model.depth, net.model.stem, net.model.init, net.model.zero_init_residual) == (
+        50, "imagenet", "torchvision", False)
+    assert (net.optimizer, net.lr, net.momentum, net.nesterov, net.weight_decay) == (
+        "sgd", 0.1, 0.9, False, 1e-4)
+    assert net.decay_norm_and_bias and net.label_smoothing == 0.0
+    assert (net.batch_size, net.epochs, net.schedule, net.lr_step_epochs, net.lr_gamma) == (
+        256, 90, "steplr", 30, 0.1)
+    assert (net.augment, net.image_size, net.resize_size, net.interpolation, net.dataset) == (
+        "random-resized-crop", 224, 256, "bilinear", "imagenet2012")
+    cos = make_config("imagenet-cosine", dtype="float32")
+    assert cos.replace(schedule="steplr", warmup_epochs=0.0, warmup_start_factor=0.01,
+                       label_smoothing=0.0) == net
+    assert (cos.schedule, cos.warmup_epochs, cos.warmup_start_factor, cos.label_smoothing) == (
+        "cosine-epoch", 5.0, 0.01, 0.1)
+    assert make_config(schedule="cosineannealinglr").schedule == "cosine-epoch"
+    ft = make_config("finetune", dtype="float32")
+    assert (ft.optimizer, ft.momentum, ft.weight_decay, ft.label_smoothing, ft.epochs) == (
+        "sgd", 0.9, 1e-4, 0.1, 10)
+    assert ft.lr == pytest.approx(0.01 * ft.batch_size / 256) and ft.batch_size == 64
+    assert (ft.schedule, ft.warmup_epochs, ft.augment, ft.reset_classifier) == (
+        "cosine-epoch", 0.0, "random-resized-crop", True)
+    assert ft.init_from is None and not make_config("imagenet").reset_classifier
+    assert TrainConfig.from_dict(json.loads(json.dumps(ft.to_dict()))) == ft
+    # linear lr scaling with the batch, unless the lr is given too
+    assert make_config("imagenet", batch_size=1024).lr == pytest.approx(0.4)
+    assert make_config("imagenet-cosine", batch_size=64).lr == pytest.approx(0.025)
+    assert make_config("finetune", batch_size=256).lr == pytest.approx(0.01)
+    assert make_config("imagenet", batch_size=1024, lr=0.1).lr == 0.1
+    # torchvision's epochs are absolute: the warmup stays 5 and StepLR steps every 30
+    assert make_config("imagenet-cosine", epochs=120).warmup_epochs == 5.0
+    assert make_config("imagenet", epochs=120).lr_step_epochs == 30
+
+
+@pytest.mark.parametrize("backend,expected", [("cpu", "float32"), ("gpu", "bfloat16"),
+                                              ("tpu", "bfloat16")])
+def test_recipe_bfloat16_is_for_accelerators(backend, expected, monkeypatch):
+    from flax_resnet import config
+
+    monkeypatch.setattr(config, "_backend", lambda: backend)
+    for recipe in ("imagenet", "imagenet-cosine", "finetune"):
+        assert make_config(recipe).dtype == expected
+        assert make_config(recipe, dtype="float32").dtype == "float32"
+    assert make_config("fast").dtype == "float32"
+    assert make_config("fast", dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_recipe_dtype_on_this_backend():
+    expected = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    assert make_config("imagenet").dtype == expected
 
 
 @pytest.mark.parametrize("field,value,needle", [
     ("norm", "weird", "'weird'"), ("width", -1.0, "-1.0"), ("optimizer", "lamb", "adamw"),
     ("schedule", "poly", "onecycle"), ("lr_milestones", (1.5,), "1.5"),
-    ("dtype", "fp8", "bfloat16"),
+    ("dtype", "fp8", "bfloat16"), ("lr_step_epochs", 0, "lr_step_epochs 0"),
+    ("lr_step_epochs", 2.5, "integer"), ("warmup_start_factor", 0.0, "(0, 1]"),
+    ("warmup_start_factor", 1.5, "1.5"), ("reset_classifier", "yes", "'yes'"),
+    ("schedule", "cosine_epoch", "cosine-epoch"),
 ])
 def test_bad_config_values_are_named(field, value, needle):
     with pytest.raises(ValueError) as e:
@@ -138,6 +198,41 @@ def test_epoch_based_schedules_step_at_epoch_boundaries():
     np.testing.assert_allclose(got, [0.1] * 4 + [0.01] * 2 + [0.001] * 2, rtol=1e-6)
     const = make_schedule(make_config(schedule="constant", lr=0.2), spe)
     assert float(const(0)) == float(const(10**6)) == pytest.approx(0.2)
+
+
+def test_steplr_steps_every_n_epochs():
+    """StepLR(step_size=lr_step_epochs): a boundary every N epochs however long the run,
+    unlike multistep's milestones as fractions of it."""
+    spe = 5
+    long = make_schedule(make_config("imagenet", epochs=120), spe)
+    for epoch, expected in [(0, 0.1), (29, 0.1), (30, 0.01), (59, 0.01), (60, 1e-3),
+                            (90, 1e-4), (119, 1e-4)]:
+        for i in (0, spe - 1):
+            assert float(long(epoch * spe + i)) == pytest.approx(expected, rel=1e-5)
+    fractions = make_schedule(make_config("imagenet", epochs=120, schedule="multistep",
+                                          lr_milestones=(1 / 3, 2 / 3)), spe)
+    assert float(fractions(30 * spe)) == pytest.approx(0.1)  # 40, 80: not torchvision's
+
+
+def test_cosine_epoch_schedule():
+    """torchvision's LinearLR(0.01, 5) + CosineAnnealingLR(epochs - 5), per epoch."""
+    spe = 7
+    cfg = make_config("imagenet-cosine", dtype="float32")
+    s = make_schedule(cfg, spe)
+    got = np.array([[float(s(e * spe + i)) for i in range(spe)] for e in range(cfg.epochs)])
+    assert (got == got[:, :1]).all()  # constant within each epoch
+    np.testing.assert_allclose(got[:6, 0], [0.001, 0.0208, 0.0406, 0.0604, 0.0802, 0.1],
+                               rtol=1e-5)
+    t = np.arange(5, 90) - 5
+    np.testing.assert_allclose(got[5:, 0], 0.05 * (1 + np.cos(np.pi * t / 85)), rtol=1e-5,
+                               atol=1e-8)
+    assert got[-1, 0] > 0
+    ft = make_schedule(make_config("finetune", dtype="float32"), 1)
+    assert float(ft(0)) == pytest.approx(0.0025) and float(ft(5)) == pytest.approx(0.00125)
+    with pytest.raises(ValueError, match="whole number"):
+        make_config("imagenet-cosine", warmup_epochs=2.5)
+    with pytest.raises(ValueError, match="below epochs"):
+        make_config("imagenet-cosine", epochs=5)
 
 
 def test_cosine_and_onecycle_schedules():

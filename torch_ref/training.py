@@ -7,10 +7,10 @@ choice that ``flax_resnet.training`` makes spelled out so both sides compute the
   ``Adam``; with ``decay_norm_and_bias=False`` the 1-D parameters (norm scales, biases) go to
   a param group with ``weight_decay=0`` (Flax: an optax ``mask``);
 * schedules: ``torch.optim.lr_scheduler`` objects. ``study`` / ``multistep`` / ``constant``
-  are stepped **once per epoch** (after the epoch's last batch), ``cosine`` (with linear
-  warmup) and ``onecycle`` **once per batch**, which is what ``flax_resnet.training``'s
-  ``make_schedule`` documents; ``LRSchedule`` does that bookkeeping so ``train_step`` can
-  call ``scheduler.step()`` after every batch;
+  and torchvision's ``steplr`` / ``cosine-epoch`` are stepped **once per epoch** (after the
+  epoch's last batch), ``cosine`` (with linear warmup) and ``onecycle`` **once per batch**,
+  which is what ``flax_resnet.optim``'s ``make_schedule`` documents; ``LRSchedule`` does that
+  bookkeeping so ``train_step`` can call ``scheduler.step()`` after every batch;
 * loss: ``nn.CrossEntropyLoss(label_smoothing=ε)`` (mean over the batch);
 * augmentation: the seed's ``Pad(4) + RandomHorizontalFlip + RandomCrop(32)`` given explicit
   crop offsets and flips (``augment``), then ``ToTensor + Normalize`` (``normalize``), on
@@ -20,7 +20,8 @@ choice that ``flax_resnet.training`` makes spelled out so both sides compute the
 Functions that need hyper-parameters take a ``cfg``: any object with the attribute names of
 ``flax_resnet.config.TrainConfig`` (``optimizer``, ``lr``, ``weight_decay``, ``momentum``,
 ``nesterov``, ``decay_norm_and_bias``, ``schedule``, ``epochs``, ``warmup_epochs``,
-``lr_milestones``, ``lr_gamma``, ``label_smoothing``), e.g. the very ``TrainConfig`` the
+``lr_milestones``, ``lr_gamma``, ``lr_step_epochs``, ``warmup_start_factor``,
+``label_smoothing``), e.g. the very ``TrainConfig`` the
 Flax side trains with, or a ``types.SimpleNamespace``. This module does not import JAX.
 """
 
@@ -35,12 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import lr_scheduler
 
-from flax_resnet.config import OPTIMIZERS, SCHEDULES, canonical_schedule, check_choice
+from flax_resnet.config import (
+    OPTIMIZERS,
+    PER_EPOCH_SCHEDULES,
+    SCHEDULES,
+    canonical_schedule,
+    check_choice,
+)
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-PER_BATCH_SCHEDULES = ("cosine", "onecycle")
+PER_BATCH_SCHEDULES = tuple(s for s in SCHEDULES if s not in PER_EPOCH_SCHEDULES)
 
 
 # --------------------------------------------------------------------------- data
@@ -139,8 +146,9 @@ class LRSchedule:
     """A ``torch.optim.lr_scheduler`` object plus *when* to step it.
 
     Call ``step()`` after every batch: per-batch schedules (``cosine``, ``onecycle``) step the
-    torch scheduler every time, per-epoch ones (``study``, ``multistep``, ``constant``) after
-    the last batch of each epoch — the usual PyTorch loops, and what ``make_schedule`` of
+    torch scheduler every time, per-epoch ones (``PER_EPOCH_SCHEDULES``: ``study``,
+    ``multistep``, ``constant``, ``steplr``, ``cosine-epoch``) after the last batch of each
+    epoch — the usual PyTorch loops, and what ``make_schedule`` of
     ``flax_resnet.optim`` computes from the update count.
     """
 
@@ -176,7 +184,14 @@ def make_scheduler(
       the end of training, per batch (``SequentialLR``);
     * ``onecycle``: ``OneCycleLR`` (cosine, ``div_factor=25``, ``final_div_factor=1e4``,
       rising for ``warmup_epochs``, 30 % when 0) per batch, with ``cycle_momentum=False``:
-      PyTorch's default also cycles the momentum / beta1, which optax's onecycle does not.
+      PyTorch's default also cycles the momentum / beta1, which optax's onecycle does not;
+    * ``steplr``: ``StepLR(step_size=lr_step_epochs, gamma=lr_gamma)`` per epoch
+      (torchvision's ``--lr-scheduler steplr``);
+    * ``cosine-epoch``: per epoch, as torchvision's ``--lr-scheduler cosineannealinglr
+      --lr-warmup-method linear``: ``SequentialLR([LinearLR(start_factor=
+      warmup_start_factor, total_iters=W), CosineAnnealingLR(T_max=epochs - W,
+      eta_min=0)], milestones=[W])`` for ``W = warmup_epochs`` whole epochs, the cosine
+      alone when ``W`` is 0.
     """
     spe = int(steps_per_epoch)
     if spe < 1:
@@ -213,6 +228,19 @@ def _onecycle(optimizer: Any, cfg: Any, total: int, warmup: int) -> lr_scheduler
     )
 
 
+def _cosine_epoch(optimizer: Any, cfg: Any, total: int, warmup: int
+                  ) -> lr_scheduler.LRScheduler:
+    # torchvision's train.py, with epochs instead of batches (``total``/``warmup`` unused)
+    epochs, warmup_epochs = int(cfg.epochs), int(cfg.warmup_epochs)
+    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs - warmup_epochs,
+                                            eta_min=0.0)
+    if warmup_epochs == 0:
+        return cosine
+    warm = lr_scheduler.LinearLR(optimizer, start_factor=float(cfg.warmup_start_factor),
+                                 total_iters=warmup_epochs)
+    return lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[warmup_epochs])
+
+
 # canonical schedule name (flax_resnet.config.SCHEDULES) -> (optimizer, config, total
 # batches, warmup batches) -> torch scheduler; PER_BATCH_SCHEDULES step every batch
 SCHEDULE_BUILDERS: dict[str, Callable[..., lr_scheduler.LRScheduler]] = {
@@ -222,7 +250,11 @@ SCHEDULE_BUILDERS: dict[str, Callable[..., lr_scheduler.LRScheduler]] = {
     "cosine": _cosine,
     "onecycle": _onecycle,
     "constant": lambda opt, cfg, total, warmup: lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+    "steplr": lambda opt, cfg, total, warmup: lr_scheduler.StepLR(
+        opt, step_size=int(cfg.lr_step_epochs), gamma=float(cfg.lr_gamma)),
+    "cosine-epoch": _cosine_epoch,
 }
+assert tuple(SCHEDULE_BUILDERS) == SCHEDULES
 
 
 def make_criterion(cfg: Any) -> nn.CrossEntropyLoss:
