@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from flax_resnet.config import (
+    ARCHITECTURE_FIELDS,
     MODEL_NAMES,
     RECIPES,
     ConfigError,
@@ -110,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset (flax_resnet.config.RECIPES): study = the study's run (ResNet-34, AdamW "
         "1e-3, batch 100, 80 epochs, lr/3 every 20); he = He et al. CIFAR (ResNet-32, SGD "
         "0.1, lr/10 at 50%%/75%%); fast = ResNet-18, SGD Nesterov, cosine, label smoothing, "
-        "30 epochs. Default study")
+        "30 epochs; imagenet = torchvision's ResNet-50 recipe (SGD 0.1 per 256 images, lr/10 "
+        "every 30 of 90 epochs, random-resized-crop 224); imagenet-cosine = the same with 5 "
+        "warmup epochs, cosine per epoch, label smoothing; finetune = from --init-from with a "
+        "fresh classifier, SGD 0.01 per 256, cosine over 10 epochs. Default study")
     groups["model"].add_argument(
         "--model", metavar="NAME", default=None,
         help="a torchvision / timm architecture by name (resnet50d, resnext50_32x4d, "
@@ -155,13 +159,19 @@ def configure(args: argparse.Namespace) -> tuple[TrainConfig, RunOptions, set[st
             named = named_model(args.model).to_dict()
             fields = MODEL_NAMES[args.model.split(".", 1)[0]]
             explicit = {**{k: named[k] for k in fields}, **explicit}
+        # Processes join first: a recipe's dtype asks JAX for its backend, after which
+        # jax.distributed can no longer be initialised.
+        ProcessOptions(**given(ProcessOptions)).start()
         config = make_config(args.recipe or "study", **explicit)
         options = RunOptions(**given(RunOptions))
-        ProcessOptions(**given(ProcessOptions)).start()
     except (ConfigError, ValueError, TypeError) as e:
         raise UsageError(_flag_message(e, _flags())) from None
-    # A recipe fixes every field it could set; init_from only when given.
-    asked = (set(config.flat()) - {"init_from"} if args.recipe else set()) | set(explicit)
+    # A recipe fixes every field it could set; init_from only when given, and then the
+    # weights' architecture holds unless a flag says otherwise.
+    recipe_fixes = set(config.flat()) - {"init_from"}
+    if config.init_from:
+        recipe_fixes -= set(ARCHITECTURE_FIELDS)
+    asked = (recipe_fixes if args.recipe else set()) | set(explicit)
     return config, options, asked
 
 

@@ -219,7 +219,9 @@ class _Run:
             cfg, mesh, DataSpec(spe, data.image_shape, tuple(stats.mean), tuple(stats.std)),
             initial=initial)
         if weights is not None:
-            self.say(f"initialised from {weights.description}")
+            self.say(f"initialised from {weights.description}"
+                     + (", with a fresh classifier (reset_classifier)"
+                        if cfg.reset_classifier else ""))
         del initial, weights
         self._describe(cfg, program, state, ds, spe)
 

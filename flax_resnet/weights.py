@@ -178,12 +178,14 @@ class Weights:
             load_state_dict(model, self._as_stored(), self.naming, keep_classifier=True)
         return model
 
-    def load_into(self, model: nnx.Module) -> list[str]:
+    def load_into(self, model: nnx.Module, reset_classifier: bool = False) -> list[str]:
         """Load the weights into ``model`` in place: every backbone variable must match in
         name and shape (``ConversionError`` naming what does not, and nothing is loaded); the
-        classifier is loaded when it fits, else the model's is kept. Returns the keys kept."""
-        kept = load_state_dict(model, self._as_stored(), self.naming, keep_classifier=True)
-        if kept:
+        classifier is loaded when it fits, else (and always with ``reset_classifier``) the
+        model's is kept. Returns the keys kept."""
+        stored = self._as_stored(skip_classifier=reset_classifier)
+        kept = load_state_dict(model, stored, self.naming, keep_classifier=True)
+        if kept and not reset_classifier:
             log.warning(
                 "%s: the classifier does not fit the model's %d classes (or the weights have "
                 "none): kept the model's freshly initialised %s",
@@ -195,9 +197,10 @@ class Weights:
         return ConversionError(f"{self.description} holds a backbone without a classifier; "
                                "give num_classes for a freshly initialised one")
 
-    def _as_stored(self) -> dict[str, np.ndarray]:
+    def _as_stored(self, skip_classifier: bool = False) -> dict[str, np.ndarray]:
         """The state_dict under the source's own names, which errors then say."""
-        return {self.source_keys.get(k, k): v for k, v in self.state_dict.items()}
+        return {self.source_keys.get(k, k): v for k, v in self.state_dict.items()
+                if not (skip_classifier and k.startswith(CLASSIFIER_PREFIX))}
 
 
 # --- finding a source -------------------------------------------------------------------------

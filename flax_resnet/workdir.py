@@ -111,12 +111,13 @@ def architecture_of(cfg: TrainConfig, weights: Any, asked: set[str]
 
 
 def initial_model(cfg: TrainConfig, weights: Any) -> Any:
-    """A model of ``cfg`` holding ``weights`` (a fresh classifier where theirs does not fit)."""
+    """A model of ``cfg`` holding ``weights`` (a fresh classifier where theirs does not fit,
+    or always with ``cfg.reset_classifier``)."""
     from flax_resnet import training as T
 
     model = T.create_model(cfg)
     try:
-        weights.load_into(model)
+        weights.load_into(model, reset_classifier=cfg.reset_classifier)
     except (OSError, ValueError, KeyError) as e:
         raise RunError(f"init_from {cfg.init_from}: {e}", "init_from") from None
     return model
