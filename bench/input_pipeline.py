@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['peak_rss_mib']:,.0f} MiB", flush=True)
     report = {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
               "command": " ".join(["python -m bench.input_pipeline", *(argv or sys.argv[1:])]),
-              "machine": f"{platform.processor() or platform.machine()}, "
-                         f"{os.cpu_count()} cores", "versions": _versions(), "rows": rows}
+              "machine": f"{_cpu_model()}, {os.cpu_count()} cores", "versions": _versions(),
+              "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.markdown:
@@ -215,6 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _versions() -> dict[str, str]:
