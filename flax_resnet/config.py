@@ -393,7 +393,7 @@ class TrainConfig:
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    dataset: str = option("cifar10", "cifar10, cifar100, folder:DIR or "
+    dataset: str = option("cifar10", "cifar10, cifar100, imagenet2012, folder:DIR or "
                            "synthetic[:TRAIN:TEST]", group="data")
     dtype: str = option("float32", "compute dtype (params and optimizer state stay float32); "
                          "a recipe's bfloat16 becomes float32 on a CPU backend",
