@@ -5,7 +5,9 @@ The step is ``flax_resnet.training.make_train_step`` itself (what ``train.py`` r
 metrics donated, augmentation (``flax_resnet.data.augment``) and normalization on the device,
 cross-entropy with label smoothing, the optax optimizer of the config, BatchNorm running
 stats updated. The config is the ``fast`` recipe with the bench config's depth, width, batch
-and dtype (``bench.run.train_config``).
+and dtype (``bench.run.train_config``). For an ``-in{size}`` config the config's augment is
+``random-resized-crop`` (made on the host by ``train.py``'s pipeline), so the step normalises
+only, with ImageNet's mean/std.
 
 Best practice as the product does it: NHWC (native), ``dtype=bfloat16`` compute with float32
 parameters for ``bf16`` (the input is cast to bf16 by ``normalize``), BatchNorm statistics
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from bench.configs import BenchConfig
@@ -39,9 +42,10 @@ def set_bn_variance(kind: str) -> None:
 
 
 def build_step(train_cfg: dict[str, Any], num_classes: int, steps_per_epoch: int,
-               image_size: int):
+               image_size: int, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None):
     """(step, state, metrics, mesh): the product's jitted step (``program.build_program``'s)
-    and its placed inputs.
+    and its placed inputs. ``mean`` / ``std``: the input statistics, CIFAR-10's by default.
 
     ``step(state, metrics, images_u8, labels) -> (state, metrics)``, both donated.
     """
@@ -54,7 +58,9 @@ def build_step(train_cfg: dict[str, Any], num_classes: int, steps_per_epoch: int
     cfg = cfg.replace(num_classes=num_classes)
     mesh = make_mesh()
     image_shape = (image_size, image_size, 3)
-    spec = DataSpec(steps_per_epoch, image_shape, data_lib.CIFAR10_MEAN, data_lib.CIFAR10_STD)
+    spec = DataSpec(steps_per_epoch, image_shape,
+                    data_lib.CIFAR10_MEAN if mean is None else tuple(mean),
+                    data_lib.CIFAR10_STD if std is None else tuple(std))
     program, state = build_program(cfg, mesh, spec)
     return program.train_step, state, program.zero_metrics(), mesh
 
@@ -150,13 +156,15 @@ def run_job(
 
     from bench.timing import run_protocol
     from flax_resnet import training as T
+    from flax_resnet.config import TrainConfig
     from flax_resnet.sharding import put_batch
 
     # JAX's default fp32 precision on GPU lets convs/matmuls use TF32; "highest" forbids it.
     jax.config.update("jax_default_matmul_precision", None if tf32 else "highest")
     set_bn_variance(bn_variance)
+    mean, std = cfg.mean_std
     step, state, metrics, mesh = build_step(train_cfg, cfg.num_classes, steps_per_epoch,
-                                            cfg.image_size)
+                                            cfg.image_size, mean, std)
     rng = np.random.default_rng(seed)
     shape = (cfg.batch, cfg.image_size, cfg.image_size, 3)
     images, labels = put_batch(
@@ -180,6 +188,7 @@ def run_job(
     summary = T.summarize(holder["metrics"])
     result["final_loss"] = summary["loss"]  # mean over every step run
     result["step_source"] = "flax_resnet.training.make_train_step"
+    result["device_augment"] = T.device_augment(TrainConfig.from_dict(train_cfg))
     result["bn_variance"] = bn_variance
     # After timing, so that the first call above really included the compilation.
     t = time.perf_counter()

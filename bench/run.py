@@ -1,12 +1,16 @@
 """Training-step throughput of flax_resnet against torch_ref (eager and torch.compile).
 
-    python -m bench [--configs all|bf16|fp32|target|cpu|tiny|NAME,...]
+    python -m bench [--configs all|bf16|fp32|target|cpu|tiny|imagenet|NAME,...]
                     [--frameworks flax,torch,torch_compile[,flax_twopass]]
                     [--steps N] [--warmup N] [--windows N] [--tf32 on|off]
+                    [--torch-compile-mode default|max-autotune|...]
                     [--peak-tflops X] [--json FILE] [--markdown FILE]
 
 Config names are ``resnet{depth}[w{width}]-b{batch}-{fp32|bf16}`` (CIFAR stem, BatchNorm,
-32x32, 10 classes). Each framework family runs in its own worker process (bench/worker.py);
+32x32, 10 classes, pad-crop-flip on the device) or, with an ``-in{size}`` suffix, ImageNet's
+step (ImageNet stem, size x size, 1000 classes; the crop is the host pipeline's, so the step
+normalises only, on both sides; bench/configs.py). Each framework family runs in its own
+worker process (bench/worker.py);
 the jobs run one at a time, config by config, so they never share the device. The timing
 protocol is in bench/timing.py, the FLOP count in bench/flops.py.
 
@@ -35,6 +39,7 @@ from typing import Any
 
 from bench.configs import PRESETS, BenchConfig, parse_configs  # noqa: E402
 from bench.report import render_markdown  # noqa: E402
+from bench.torch_side import COMPILE_MODES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMEWORKS = ("flax", "flax_twopass", "torch", "torch_compile")
@@ -170,9 +175,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override the recipe's optimizer (adamw/adam: lr 1e-3)")
     p.add_argument("--tf32", choices=("on", "off"), default="on",
                    help="fp32 convs/matmuls may use TF32 (JAX's GPU default) on both sides")
+    p.add_argument("--torch-compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode for torch_compile jobs; max-autotune benchmarks "
+                        "Triton and cuBLAS kernels for every op: minutes more compilation")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="override the device peak used for MFU (TFLOP/s)")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32,
+                   help="image size of the CIFAR-stem configs (an -in<size> config names its "
+                        "own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run: a job is skipped (and recorded so) when "
@@ -207,13 +217,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_config(cfg: BenchConfig, recipe: str, optimizer: str | None) -> dict[str, Any]:
     """The TrainConfig (as a dict) both sides build their step from: the recipe with the
-    bench config's depth, width, batch and dtype (CIFAR stem)."""
+    bench config's depth, width, stem, classes, batch and dtype; an ``-in`` config's augment
+    is the host's random-resized-crop (the step normalises only) at its image size."""
     from flax_resnet.config import make_config
 
     overrides: dict[str, Any] = {
         "depth": cfg.depth, "width": cfg.width, "stem": cfg.stem, "batch_size": cfg.batch,
         "num_classes": cfg.num_classes, "dtype": cfg.dtype,
     }
+    if cfg.imagenet:
+        overrides.update(augment="random-resized-crop", image_size=cfg.image_size)
     if optimizer is not None:
         overrides["optimizer"] = optimizer
         if optimizer != "sgd":
@@ -236,7 +249,8 @@ def _flops_entry(cfg: BenchConfig) -> dict[str, Any]:
     }
 
 
-def _notes(args: argparse.Namespace, meta: dict[str, Any]) -> list[str]:
+def _notes(args: argparse.Namespace, meta: dict[str, Any],
+           configs: list[BenchConfig] | None = None) -> list[str]:
     notes = [
         f"Flax: the product's step, flax_resnet.training.make_train_step, for the "
         f"'{args.recipe}' recipe at each config's depth/width/batch/dtype (CIFAR stem, "
@@ -271,6 +285,16 @@ def _notes(args: argparse.Namespace, meta: dict[str, Any]) -> list[str]:
         "(both unless set by the caller; the latter matters only for CPU ops)."
         + (f" XLA_FLAGS={meta['xla_flags']!r}." if meta.get("xla_flags") else ""),
     ]
+    imagenet = [c.name for c in configs or () if c.imagenet]
+    if imagenet:
+        notes.append(
+            f"ImageNet steps ({', '.join(imagenet)}): ImageNet stem (7x7/2 conv + max-pool), "
+            "1000 classes, ImageNet mean/std; the input batch is already cropped (the host "
+            "pipeline's RandomResizedCrop + flip in training), so these steps do no crop or "
+            "flip on the device, only the normalization, on both sides (Flax: augment "
+            "random-resized-crop in the config; torch: normalize + channels_last).")
+    if args.torch_compile_mode != "default":
+        notes.append(f"torch.compile mode {args.torch_compile_mode} (not the default).")
     return notes
 
 
@@ -374,7 +398,7 @@ def _main(args: argparse.Namespace, worker_env: dict[str, str]) -> dict[str, Any
             for k in ("jax", "flax", "torch", "backend", "cuda", "cudnn", "python", "xla_flags"):
                 if k in fam_env:
                     meta.setdefault(k, fam_env[k])
-        meta["notes"] = _notes(args, meta)
+        meta["notes"] = _notes(args, meta, configs)
         results: list[dict[str, Any]] = []
         expected_s: dict[str, float] = {}  # longest job so far per framework (budgeting)
         run = {"meta": meta, "results": results}
@@ -433,8 +457,10 @@ def _run_job(
         "steps": args.steps, "warmup": args.warmup, "windows": args.windows,
         "min_warmup_s": args.min_warmup_s, "tf32": args.tf32 == "on", "seed": args.seed,
         "train_config": tcfg,
-        "steps_per_epoch": max(1, 50_000 // cfg.batch),
+        "steps_per_epoch": max(1, cfg.train_images // cfg.batch),
     }
+    if fw == "torch_compile":
+        job["compile_mode"] = args.torch_compile_mode
     t = time.monotonic()
     reply = worker.request(job, timeout=args.job_timeout)
     r = {"ok": reply.get("ok", False), **reply.get("result", {})}

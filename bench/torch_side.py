@@ -12,8 +12,13 @@ with float32 parameters (``bf16`` configs), a fused optimizer (``fused=True``),
 ``zero_grad(set_to_none=True)``, data already on the device with the augmentation in GPU
 tensor ops (``bench.augment.torch_augment``).
 ``torch_compile`` compiles augment + forward + loss with ``torch.compile`` (mode default,
-``dynamic=False``); AOTAutograd compiles the backward too; the fused optimizer step stays
-eager (one multi-tensor kernel already).
+``dynamic=False``; ``python -m bench --torch-compile-mode max-autotune`` for Inductor's
+autotuned kernels, minutes of compilation more); AOTAutograd compiles the backward too; the
+fused optimizer step stays eager (one multi-tensor kernel already).
+
+``-in{size}`` configs (ImageNet's step): the crop and flip are the host pipeline's
+(torchvision's ``RandomResizedCrop`` in a DataLoader), so the timed step only normalises
+(ImageNet's mean/std), as the Flax step does for them.
 
 TF32 (fp32 configs): ``--tf32 on`` (default) lets cuDNN convs and cuBLAS matmuls use TF32,
 which is what JAX does by default for float32 on GPU; ``--tf32 off`` forbids it on both sides
@@ -74,26 +79,43 @@ def make_optimizer(model: Any, cfg: Any, cuda: bool) -> Any:
     return cls(groups, betas=(0.9, 0.999), eps=1e-8, **kw)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def make_forward_loss(model: Any, criterion: Any, mean: Any, std: Any, *, bf16: bool,
-                      compile: bool = False) -> Any:
-    """``f(images_u8_nhwc, labels) -> (logits, loss)``: on-device augmentation, the model in
-    its memory format under bf16 autocast when ``bf16``, the loss in float32; optionally
-    ``torch.compile``d. The PyTorch step of both the benchmark and ``bench/torch_train.py``."""
+                      compile: bool = False, augment: bool = True,
+                      compile_mode: str = "default") -> Any:
+    """``f(images_u8_nhwc, labels) -> (logits, loss)``: on-device augmentation (pad-crop-flip;
+    ``augment=False``: normalisation only), the model in its memory format under bf16
+    autocast when ``bf16``, the loss in float32; optionally ``torch.compile``d (in
+    ``compile_mode``). The PyTorch step of the benchmark, ``bench/torch_train.py`` and
+    ``bench/torch_e2e.py`` (which passes its NCHW batches as NHWC views)."""
     import torch
 
     from bench.augment import normalize_coeffs, torch_augment
 
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
     dev = next(model.parameters()).device
     memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
     scale, shift = (torch.tensor(v, device=dev) for v in normalize_coeffs(mean, std))
 
+    def prepare(images_u8):
+        if augment:
+            return torch_augment(images_u8, scale, shift)
+        return (images_u8.float() * scale + shift).permute(0, 3, 1, 2)
+
     def forward_loss(images_u8, labels):
-        x = torch_augment(images_u8, scale, shift).contiguous(memory_format=memory_format)
+        x = prepare(images_u8).contiguous(memory_format=memory_format)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
         return logits, criterion(logits.float(), labels)
 
-    return torch.compile(forward_loss, dynamic=False) if compile else forward_loss
+    if not compile:
+        return forward_loss
+    if compile_mode == "default":  # the call of record, unchanged
+        return torch.compile(forward_loss, dynamic=False)
+    return torch.compile(forward_loss, dynamic=False, mode=compile_mode)
 
 
 def run_job(
@@ -108,6 +130,7 @@ def run_job(
     tf32: bool,
     steps_per_epoch: int,
     seed: int = 0,
+    compile_mode: str = "default",
 ) -> dict[str, Any]:
     import gc
 
@@ -115,7 +138,6 @@ def run_job(
     import torch
 
     import torch_ref
-    from bench.augment import CIFAR_MEAN, CIFAR_STD
     from bench.timing import run_protocol
     from flax_resnet.config import TrainConfig
     from torch_ref.training import make_criterion, make_scheduler
@@ -147,8 +169,9 @@ def run_job(
     if bf16 and not cuda:
         raise RuntimeError("bf16 torch runs need a GPU here (CPU autocast is not benchmarked)")
 
-    forward_loss = make_forward_loss(model, criterion, CIFAR_MEAN, CIFAR_STD, bf16=bf16,
-                                     compile=compile)
+    mean, std = cfg.mean_std
+    forward_loss = make_forward_loss(model, criterion, mean, std, bf16=bf16, compile=compile,
+                                     augment=cfg.device_augment, compile_mode=compile_mode)
 
     def step():
         _, loss = forward_loss(images, labels)
@@ -178,4 +201,7 @@ def run_job(
     result["step_source"] = "torch_ref + torch_ref.training pieces" + (
         " (torch.compile)" if compile else " (eager)"
     )
+    result["device_augment"] = cfg.device_augment
+    if compile:
+        result["compile_mode"] = compile_mode
     return result

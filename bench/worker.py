@@ -48,7 +48,8 @@ def _run(job: dict) -> dict:
     if fw in ("torch", "torch_compile"):
         from bench.torch_side import run_job
 
-        result = run_job(cfg, train_cfg, compile=fw == "torch_compile", **common)
+        result = run_job(cfg, train_cfg, compile=fw == "torch_compile",
+                         compile_mode=job.get("compile_mode", "default"), **common)
         return {"ok": True, "result": result}
     raise ValueError(f"unknown framework {fw!r}")
 

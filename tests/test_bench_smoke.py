@@ -268,3 +268,154 @@ def test_eval_flip_counts_the_mirror_averaged_prediction_in_both_frameworks() ->
     assert ref["count"] == 70 and ref["acc_flip"] == 1.0 and ref["acc"] == n_plain / 70
     # float32 cross entropy summed over 70 images, two conv stacks' rounding apart
     assert ref["loss"] == pytest.approx(flax["loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- ImageNet configs
+
+IN_TINY = "resnet18w0.125-b8-fp32-in64"
+
+
+def test_imagenet_config_grammar() -> None:
+    from bench.configs import PRESETS, parse_config, parse_configs
+    from bench.run import train_config
+    from flax_resnet.config import TrainConfig
+    from flax_resnet.training import device_augment
+
+    cfg = parse_config("resnet50-b256-bf16-in224")
+    assert (cfg.depth, cfg.batch, cfg.precision, cfg.width) == (50, 256, "bf16", 1.0)
+    assert (cfg.stem, cfg.image_size, cfg.num_classes) == ("imagenet", 224, 1000)
+    assert cfg.imagenet and not cfg.device_augment
+    assert cfg.name == "resnet50-b256-bf16-in224"
+    assert parse_config(IN_TINY, image_size=16).image_size == 64  # the suffix wins
+    assert parse_config(IN_TINY).name == IN_TINY
+    assert [c.name for c in parse_configs("imagenet")] == list(PRESETS["imagenet"])
+    tc = TrainConfig.from_dict(train_config(cfg, "fast", None))
+    assert (tc.model.stem, tc.model.num_classes, tc.image_size) == ("imagenet", 1000, 224)
+    assert not device_augment(tc)  # the step normalises only
+    # CIFAR configs build the very config they built before ImageNet configs existed.
+    cifar = parse_config("resnet18-b512-bf16")
+    assert (cifar.stem, cifar.image_size, cifar.num_classes) == ("cifar", 32, 10)
+    assert cifar.device_augment and cifar.name == "resnet18-b512-bf16"
+    ctc = TrainConfig.from_dict(train_config(cifar, "fast", None))
+    assert ctc.augment == "auto" and ctc.image_size is None and device_augment(ctc)
+    for bad in ("resnet50-b256-bf16-in", "resnet50-b256-bf16-in16", "resnet50-b256-in224"):
+        with pytest.raises(ValueError, match=bad):
+            parse_config(bad)
+
+
+def test_torch_imagenet_step_normalizes_only() -> None:
+    """augment=False: the step's input is the normalised batch itself, no crop or flip (the
+    pad-crop-flip path, on the same batch, changes it)."""
+    import torch
+
+    import torch_ref
+    from bench.augment import normalize_coeffs
+    from bench.configs import parse_config
+    from bench.run import train_config
+    from bench.torch_side import make_forward_loss
+    from flax_resnet.config import TrainConfig
+
+    cfg = parse_config("resnet18w0.125-b2-fp32-in32")
+    tc = TrainConfig.from_dict(train_config(cfg, "fast", None))
+    model = torch_ref.from_config(tc.model).eval()
+    mean, std = cfg.mean_std
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.tensor([3, 999])
+    crit = torch.nn.CrossEntropyLoss()
+    scale, shift = (torch.tensor(v) for v in normalize_coeffs(mean, std))
+    with torch.no_grad():
+        want = model((images.float() * scale + shift).permute(0, 3, 1, 2))
+        plain, _ = make_forward_loss(model, crit, mean, std, bf16=False, augment=False)(
+            images, labels)
+        torch.manual_seed(0)
+        augmented, _ = make_forward_loss(model, crit, mean, std, bf16=False)(images, labels)
+    assert want.shape == (2, 1000)
+    assert torch.equal(plain, want)
+    assert not torch.allclose(augmented, want)
+
+
+def test_imagenet_step_benchmark_both_sides(tmp_path: Path) -> None:
+    """``python -m bench`` on a tiny ImageNet-stem config: both workers build and time it."""
+    from bench.flops import resnet_flops
+
+    json_path = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--configs", IN_TINY, "--frameworks", "flax,torch",
+         "--steps", "2", "--warmup", "1", "--windows", "2", "--min-warmup-s", "0",
+         "--json", str(json_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (entry,) = json.loads(json_path.read_text())["results"]
+    assert entry["config"]["name"] == IN_TINY and entry["config"]["stem"] == "imagenet"
+    assert entry["train_config"]["augment"] == "random-resized-crop"
+    f = resnet_flops(18, stem="imagenet", width=0.125, num_classes=1000, image_size=64)
+    assert entry["flops"]["train_per_image"] == f.train_per_image
+    for fw in ("flax", "torch"):
+        r = entry["frameworks"][fw]
+        assert r["ok"], r.get("error")
+        assert r["device_augment"] is False
+        assert r["images_per_s"] > 0 and r["timed_steps"] == 2
+        assert math.isfinite(r["final_loss"]) and r["final_loss"] > 0
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_torch_e2e_on_a_tiny_folder(tmp_path: Path) -> None:
+    """bench/torch_e2e.py on 64 generated JPEGs, 2 workers, over an epoch boundary (the
+    folder's own epochs of 8 steps: 1 + 1 warm-up + 8 timed + 1 = 11 steps)."""
+    from bench.e2e import make_folder_parallel
+
+    root = make_folder_parallel(tmp_path / "jpeg", 64, procs=2)
+    assert len(list((root / "train").glob("c*/*.JPEG"))) == 64
+    assert (root / ".complete").exists() and not (tmp_path / "jpeg.parts").exists()
+    out = tmp_path / "torch.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    args = [sys.executable, "-m", "bench.torch_e2e", "--root", str(root), "--config", IN_TINY,
+            "--workers", "2", "--steps", "8", "--warmup", "1", "--warmup-s", "0",
+            "--epoch-images", "0", "--json", str(out)]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert (r["framework"], r["train_images"], r["classes"]) == ("torch", 64, 10)
+    assert r["timed_steps"] == 8 and r["stopped_by"] == "steps"
+    assert r["epochs_started"] == 2 and r["epoch_images"] == 64
+    assert r["images_per_s"] > 0 and math.isfinite(r["loss"])
+    assert 0 <= r["data_wait_s"] <= r["timed_s"]
+    assert r["data_wait_fraction"] == pytest.approx(r["data_wait_s"] / r["timed_s"])
+    assert f"[e2e] torch {IN_TINY} on 64 images" in proc.stdout
+    # A config without -in, or a folder without train/: exit 2 naming the value.
+    bad = subprocess.run([*args[:6], "resnet18-b8-fp32"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "-in<size>" in bad.stderr
+    bad = subprocess.run([*args[:4], str(tmp_path), *args[5:7]], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and f"--root {tmp_path}: no train/" in bad.stderr
+
+
+def test_e2e_protocol_counts_the_wait_for_data() -> None:
+    """bench/e2e.py's timed_run on a fake loop whose loader takes 20 ms and step ~0: the time
+    limit stops it, and nearly all of its time is counted as waiting for data."""
+    import time
+
+    from bench.e2e import render, timed_run
+
+    synced = []
+
+    def next_batch() -> int:
+        time.sleep(0.02)
+        return 1
+
+    r = timed_run(next_batch, lambda b: b, synced.append, batch=4, warmup=2, warmup_s=0.0,
+                  steps=10_000, time_limit=0.2)
+    assert len(synced) == 3  # after the first step, the warm-up and the timed steps
+    assert r["warmup_steps"] == 2 and r["stopped_by"] == "time_limit"
+    assert 5 <= r["timed_steps"] <= 12  # ~0.2 s of 20 ms batches
+    assert r["data_wait_fraction"] > 0.9
+    assert r["images_per_s"] == pytest.approx(4 * r["timed_steps"] / r["timed_s"])
+    row = dict(r, framework="x", config="c", train_images=8, workers=1)
+    table = render([row, dict(row, framework="y", images_per_s=r["images_per_s"] / 2)])
+    assert table.splitlines()[2].endswith("| 1.00 |")
+    assert table.splitlines()[3].endswith("| 0.50 |")
