@@ -18,6 +18,9 @@ LONGEST_FIRST = (
     "parity_tests/test_training_parity.py",
     "tests/test_train.py",
     "parity_tests/test_libraries.py",
+    "tests/test_pipeline.py",
+    "tests/test_bench_smoke.py",
+    "tests/test_trainer.py",
 )
 
 

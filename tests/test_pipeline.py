@@ -270,26 +270,29 @@ def test_finetune_recipe_from_torchvision_weights_on_a_photo_folder(tree, tmp_pa
     """The finetune recipe through train.py's flags: the init_from weights' architecture
     (the recipe's depth 50 gives way), their preprocessing, and a fresh classifier even
     where theirs would fit."""
-    import torch
-    import torchvision
+    from flax import nnx
 
+    import flax_resnet as fr
+    from flax_resnet.convert import save_pytorch
     from flax_resnet.train_cli import main
 
-    tv = torchvision.models.resnet18(num_classes=3)
+    # A small ResNet-18 (an eighth of the channels) under torchvision's names.
     path = tmp_path / "resnet18_tv.pth"
-    torch.save(tv.state_dict(), path)
+    save_pytorch(fr.create_resnet(18, width=0.125, num_classes=3, rngs=nnx.Rngs(0)), path,
+                 naming="torchvision")
     workdir = tmp_path / "run"
     argv = ["--recipe", "finetune", "--dataset", f"folder:{tree}", "--init-from", str(path),
-            "--width", "0.125", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+            "--width", "0.25", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
             "--data-workers", "0", "--no-progress", "--workdir", str(workdir),
             "--stop-after-steps", "1"]
-    # width 0.125 does not fit the weights: the architecture holds unless a flag says so
+    # width 0.25 does not fit the weights: the architecture holds unless a flag says so
     assert main(argv) == 2
     assert "shape mismatch" in capsys.readouterr().err
-    argv.remove("--width"), argv.remove("0.125")
+    argv.remove("--width"), argv.remove("0.25")
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "with a fresh classifier (reset_classifier)" in out
     config = json.loads((workdir / "config.json").read_text())
-    assert config["model"]["depth"] == 18 and config["reset_classifier"]
+    assert config["model"]["depth"] == 18 and config["model"]["width"] == 0.125
+    assert config["reset_classifier"]
     assert config["interpolation"] == "bilinear" and config["resize_size"] == 36  # 32/0.875
