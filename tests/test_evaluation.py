@@ -1,0 +1,94 @@
+"""flax-resnet-eval: accuracy of weights on an image folder, against PyTorch computing it
+with torchvision's ImageFolder and transforms on the same files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.test_pipeline import write_tree
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A synset tree and a small 3-class ResNet-18 saved under torchvision's names."""
+    from flax import nnx
+
+    import flax_resnet as fr
+    from flax_resnet.convert import save_pytorch
+
+    root = tmp_path_factory.mktemp("eval") / "photos"
+    write_tree(root, per_class=(1, 6), seed=5)
+    model = fr.create_resnet(18, width=0.125, num_classes=3, rngs=nnx.Rngs(3))
+    path = root.parent / "r18_tv.pth"
+    save_pytorch(model, path, naming="torchvision")
+    return root, path, model
+
+
+def _torch_logits(root, model):
+    """torch_ref's logits on torchvision's ImageFolder + Resize(256) + CenterCrop(224)."""
+    import torch
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    import torch_ref
+    from flax_resnet.convert import to_torch_state_dict
+
+    twin = torch_ref.create_resnet(18, width=0.125, num_classes=3)
+    twin.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in
+                          to_torch_state_dict(model).items()})
+    twin.eval()
+    data = ImageFolder(str(root / "val"), transform=T.Compose([
+        T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        logits = twin(images)  # NCHW, as torchvision gives it
+    return logits.numpy(), np.array(data.targets)
+
+
+def test_eval_cli_equals_pytorch_on_the_same_files(setup, tmp_path, capsys):
+    from flax_resnet.eval_cli import main
+
+    root, path, model = setup
+    out = tmp_path / "eval.json"
+    code = main([str(path), "--dataset", f"folder:{root}", "--batch-size", "4",
+                 "--data-workers", "0", "--per-image", "--json", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    logits, labels = _torch_logits(root, model)
+    assert result["images"] == len(labels) == 18
+    ours = np.array([p["top5"][0] for p in result["predictions"]])
+    assert [p["label"] for p in result["predictions"]] == labels.tolist()
+    # Every differing argmax must be a near-tie of PyTorch's logits (float32 rounding).
+    ordered = np.sort(logits, 1)
+    margin = ordered[:, -1] - ordered[:, -2]
+    differ = ours != logits.argmax(1)
+    assert not differ[margin > 1e-4].any(), (ours, logits.argmax(1), margin)
+    assert result["top1"] == pytest.approx(float((ours == labels).mean()))
+    assert result["top5"] == 1.0  # three classes: the top five hold them all
+    assert set(result["per_class_top1"]) == {"n01440764", "n01443537", "n01484850"}
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_eval_cli_bad_input_exits_2(setup, tmp_path, capsys):
+    from flax import nnx
+
+    import flax_resnet as fr
+    from flax_resnet.convert import save_pytorch
+    from flax_resnet.eval_cli import main
+
+    root, path, _ = setup
+    assert main([str(tmp_path / "nothing.pth"), "--dataset", f"folder:{root}"]) == 2
+    assert "nothing.pth" in capsys.readouterr().err
+    assert main([str(path), "--dataset", f"folder:{tmp_path / 'nowhere'}"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    four = tmp_path / "four.pth"
+    save_pytorch(fr.create_resnet(18, width=0.125, num_classes=4, rngs=nnx.Rngs(0)), four,
+                 naming="torchvision")
+    assert main([str(four), "--dataset", f"folder:{root}", "--no-progress"]) == 2
+    assert "4 outputs but" in capsys.readouterr().err
+    assert main([str(path), "--dataset", f"folder:{root}", "--batch-size", "0"]) == 2
+    assert "--batch-size 0" in capsys.readouterr().err
