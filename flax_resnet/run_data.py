@@ -108,8 +108,11 @@ def _input_stats(cfg: TrainConfig, ds: Any, workdir: Path, weights: Any,
     if recorded.exists():
         return Preprocessing.from_dict(read_json(recorded))
     channels = image_shape[-1]
+    # In memory, evaluation takes the images as they are (crop_pct 1); streamed, the
+    # settled resize and crop.
     own = Preprocessing(tuple(ds.mean), tuple(ds.std), (channels, *image_shape[:2]),
-                        cfg.interpolation, None, source=f"the data set {ds.name} "
+                        cfg.interpolation or "bilinear", 1.0 if ds.in_memory else None,
+                        source=f"the data set {ds.name} "
                         f"({ds.stats_source})" if ds.stats_source else f"the data set {ds.name}")
     if cfg.input_stats == "data" and not ds.in_memory:
         own = sample()

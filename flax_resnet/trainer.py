@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from flax_resnet.config import ConfigError, TrainConfig, option
+from flax_resnet.prediction import CLASSES_FILE
 from flax_resnet.workdir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -228,6 +229,8 @@ class _Run:
         if self.lead:
             write_json(config_path, cfg.to_dict())
             write_json(workdir / PREPROCESSING_FILE, stats.to_dict())
+            if ds.class_names:
+                write_json(workdir / CLASSES_FILE, {"classes": list(ds.class_names)})
         try:
             good = ckpt.restore_good(state, report=self.say,
                                      set_aside=self.lead and not options.eval_only)

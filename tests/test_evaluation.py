@@ -92,3 +92,54 @@ def test_eval_cli_bad_input_exits_2(setup, tmp_path, capsys):
     assert "4 outputs but" in capsys.readouterr().err
     assert main([str(path), "--dataset", f"folder:{root}", "--batch-size", "0"]) == 2
     assert "--batch-size 0" in capsys.readouterr().err
+
+
+def test_predict_names_classes_and_agrees_with_eval(setup, tmp_path, capsys):
+    from flax import nnx
+
+    import flax_resnet as fr
+    from flax_resnet import trainer
+    from flax_resnet.config import make_config
+    from flax_resnet.convert import save_pytorch
+    from flax_resnet.predict_cli import main
+    from flax_resnet.prediction import imagenet_class_names
+
+    root, path, _ = setup
+    images = sorted(str(p) for p in (root / "val").rglob("*.*"))[:4]
+    out = tmp_path / "pred.json"
+    assert main([str(path), *images, "--top-k", "2", "--json", str(out)]) == 0
+    preds = json.loads(out.read_text())
+    assert [p["image"] for p in preds] == images
+    assert all(len(p["top"]) == 2 and p["top"][0]["probability"] >= p["top"][1]["probability"]
+               for p in preds)
+    assert preds[0]["top"][0]["name"].startswith("class ")  # a bare file names nothing
+    evaluated = tmp_path / "eval.json"
+    from flax_resnet.eval_cli import main as evaluate
+
+    assert evaluate([str(path), "--dataset", f"folder:{root}", "--data-workers", "0",
+                     "--per-image", "--json", str(evaluated), "--no-progress"]) == 0
+    by_image = {p["image"]: p["top5"][0] for p in json.loads(evaluated.read_text())
+                ["predictions"]}
+    assert [p["top"][0]["class"] for p in preds] == [by_image[i] for i in images]
+
+    # A run directory names its classes with the folder names it trained on.
+    cfg = make_config("study", dataset=f"folder:{root}", depth=18, width=0.125,
+                      batch_size=3, epochs=1, image_size=32, resize_size=36)
+    run = tmp_path / "run"
+    trainer.train_and_evaluate(cfg, run, trainer.RunOptions(progress=False, data_workers=0))
+    assert main([str(run), images[0]]) == 0
+    assert "n014" in capsys.readouterr().out
+
+    # 1000 outputs: ImageNet's names.
+    thousand = tmp_path / "thousand.pth"
+    save_pytorch(fr.create_resnet(18, width=0.125, num_classes=1000, rngs=nnx.Rngs(0)),
+                 thousand, naming="torchvision")
+    assert main([str(thousand), images[0], "--json", str(out)]) == 0
+    top = json.loads(out.read_text())[0]["top"][0]
+    assert top["name"] == imagenet_class_names()[top["class"]]
+    assert len(imagenet_class_names()) == 1000 and imagenet_class_names()[0] == "tench"
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    assert main([str(path), str(bad)]) == 2
+    assert "bad.jpg" in capsys.readouterr().err
