@@ -21,7 +21,9 @@ _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "bo
 class Preprocessing:
     """How the weights expect their inputs: ``(x / 255 - mean) / std`` per channel, at
     ``input_size`` (C, H, W) after resizing with ``interpolation`` and a ``crop_pct`` center
-    crop; ``source`` says where this came from."""
+    crop; ``source`` says where this came from. ``resize_size``: the shorter side before the
+    crop where the weights state it as a number (torchvision's entries: 232 for 224), which
+    wins over ``crop_pct`` (a ratio can floor one pixel short)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -29,6 +31,7 @@ class Preprocessing:
     interpolation: str | None = None
     crop_pct: float | None = None
     source: str = ""
+    resize_size: int | None = None  # last: callers pass the fields above by position
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -15,8 +15,12 @@ from. Sources, by ``kind``:
 * ``hf``: a Hugging Face ``save_pretrained`` directory; ``timm``: a timm ``save_for_hf``
   directory (``flax_resnet.library_configs``).
 
-Each kind is one entry of ``_KINDS``: where a source is found (:func:`_locate`) and how it is
-read. ``flax_resnet.load`` and :func:`load_pretrained` are thin layers over :func:`resolve`.
+A published name (``hf-hub:ORG/NAME[@REVISION]``, ``torchvision:resnet50.IMAGENET1K_V2``, or
+``ORG/NAME`` where no such path exists) is fetched once into its library's cache and read as
+the directory or file it is there (``flax_resnet.named_weights``); ``Weights.origin`` records
+what it resolved to. Each kind is one entry of ``_KINDS``: where a source is found
+(:func:`_locate`) and how it is read. ``flax_resnet.load`` and :func:`load_pretrained` are
+thin layers over :func:`resolve`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from flax_resnet import library_configs as libs
+from flax_resnet import named_weights
 from flax_resnet.architecture import infer_config
 from flax_resnet.config import MODEL_FIELDS, ModelConfig
 from flax_resnet.namings import ConversionError
@@ -109,9 +114,11 @@ class Weights:
     # the source's own config; None: inferred from the keys
     stated_config: Mapping[str, Any] | None = dataclasses.field(default=None, repr=False)
     hints: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # model=, fields=
+    # a published name's resolution: Hub repo_id and commit, or torchvision's url and sha256
+    origin: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("dtypes", "source_keys", "hints"):
+        for name in ("dtypes", "source_keys", "hints", "origin"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         object.__setattr__(self, "state_dict", _frozen(
             {k: _read_only(np.asarray(v)) for k, v in self.state_dict.items()}))
@@ -211,6 +218,7 @@ class _Location:
     kind: str
     path: str
     config_json: Any = None  # a directory's config.json, parsed
+    named: named_weights.Named | None = None  # the published name it was fetched for
 
 
 def read_json(path: str) -> Any:
@@ -222,6 +230,9 @@ def read_json(path: str) -> Any:
 
 
 def _locate(source: str) -> _Location:
+    named = named_weights.locate(source)  # a published name: its cached copy, fetched once
+    if named is not None:
+        return dataclasses.replace(_locate(named.path), named=named)
     if os.path.isfile(source):
         return _Location("file", source)
     if not os.path.isdir(source):
@@ -436,6 +447,8 @@ def resolve(source: str | os.PathLike, *, step: int | None = None, naming: str =
         raise FixedArchitectureError(f"{source} ({kind.what})", names)
     hints = {**given, **({"model": model} if model is not None else {})}
     weights = kind.read(at, step, naming, hints)
+    if at.named is not None:
+        weights = at.named.apply(weights)
     return dataclasses.replace(weights, source=source)
 
 
