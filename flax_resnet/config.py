@@ -452,9 +452,10 @@ class TrainConfig:
         "from device 0)", choices=PARALLEL_MODES, group="parallelism")
     init_from: str | None = option(
         None, "start from pretrained weights (torch_ref/torchvision .pt/.pth/.safetensors, a "
-        "saved model or a run directory; the classifier is replaced if the class count "
+        "saved model, a run directory, or a name: hf-hub:ORG/NAME[@REV], "
+        "torchvision:MODEL.ENTRY; the classifier is replaced if the class count "
         "differs); recorded with the run and used until its first checkpoint exists",
-        group="model", metavar="PATH")
+        group="model", metavar="WEIGHTS")
     reset_classifier: bool = option(
         False, "start from a freshly initialised classifier even when the init_from weights' "
         "has the data's class count (fine-tuning)", group="model")

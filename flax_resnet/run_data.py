@@ -87,9 +87,13 @@ def _settle_streamed(cfg: TrainConfig, weights: Any) -> tuple[TrainConfig, list[
     interpolation = cfg.interpolation or (pre.interpolation if pre and pre.interpolation
                                           else "bilinear")
     resize = cfg.resize_size
-    if resize is None:
-        crop_pct = cfg.crop_pct or (pre.crop_pct if pre and pre.crop_pct else 0.875)
-        resize = int(np.floor(size / crop_pct))  # timm's rule
+    if resize is None:  # the weights' exact resize, else timm's rule over the crop ratio
+        from flax_resnet.transforms import EvalTransform
+
+        given_size = pre is not None and pre.input_size and pre.input_size[-1] == size
+        resize = EvalTransform.from_preprocessing(
+            pre if given_size or cfg.crop_pct else None, size, None,
+            cfg.crop_pct or (pre.crop_pct if pre is not None else None)).resize_size
     augment = "random-resized-crop" if cfg.augment == "auto" else cfg.augment
     if cfg.augment == "auto":
         notes.append("augment auto: random-resized-crop (images read from files, of any size)")
@@ -112,8 +116,9 @@ def _input_stats(cfg: TrainConfig, ds: Any, workdir: Path, weights: Any,
     # settled resize and crop.
     own = Preprocessing(tuple(ds.mean), tuple(ds.std), (channels, *image_shape[:2]),
                         cfg.interpolation or "bilinear", 1.0 if ds.in_memory else None,
-                        source=f"the data set {ds.name} "
-                        f"({ds.stats_source})" if ds.stats_source else f"the data set {ds.name}")
+                        resize_size=None if ds.in_memory else cfg.resize_size,
+                        source=f"the data set {ds.name} ({ds.stats_source})"
+                        if ds.stats_source else f"the data set {ds.name}")
     if cfg.input_stats == "data" and not ds.in_memory:
         own = sample()
     if weights is None or cfg.input_stats == "data":
