@@ -6,8 +6,13 @@
 #                                                  # bash scripts/gpu_session.sh)
 #
 # The caller carries .devcarry/ (git-ignored): .devcarry/whl/*.whl (grain, array_record,
-# tensorboardX, portpicker, etils for the machine's Python, installed first into /tmp/site
-# without network) and .devcarry/cifar10-jpeg.tar.gz (the CIFAR-10 JPEG copy for tta, warm,
+# tensorboardX, portpicker, etils, importlib_resources for the machine's Python 3.12,
+# installed first into /tmp/site without network; fetch them here with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .devcarry/whl grain==0.2.18 array-record==0.8.6 \
+#     tensorboardX==2.6.5 portpicker etils importlib_resources
+# ) and .devcarry/cifar10-jpeg.tar.gz (the CIFAR-10 JPEG copy for tta, warm,
 # long; cp ../shared/data/cifar10-jpeg.tar.gz .devcarry/), unpacked in the background while
 # the GPU-bound resnet50 part runs.
 #
