@@ -22,9 +22,10 @@ from typing import Any
 
 from flax import nnx
 
-from flax_resnet.config import ARCHITECTURE_FIELDS
+from flax_resnet.config import ARCHITECTURE_FIELDS, INTERPOLATIONS
 from flax_resnet.library_configs import LIBRARY_DIRS
 from flax_resnet.namings import NAMINGS, ConversionError
+from flax_resnet.preprocessing import Preprocessing
 from flax_resnet.weights import FixedArchitectureError, resolve
 from flax_resnet.writers import (
     FLAX_CONFIG_FILE,
@@ -75,6 +76,19 @@ def _parser() -> argparse.ArgumentParser:
                         + ", ".join(MODEL_NAMES))
     p.add_argument("--step", type=int,
                    help="the checkpoint step of a train.py --workdir SRC (default: the latest)")
+    pre = p.add_argument_group(
+        "input preprocessing", "what the weights expect, recorded with a directory DST "
+        "(preprocessing.json / the library's config) for flax-resnet-eval, -predict, -export "
+        "and --init-from; each overrides what SRC states (a torch_ref state_dict states "
+        "nothing: give --mean and --std)")
+    pre.add_argument("--mean", type=_floats, metavar="R,G,B",
+                     help="per-channel mean of (x / 255) the weights were trained on")
+    pre.add_argument("--std", type=_floats, metavar="R,G,B", help="per-channel std")
+    pre.add_argument("--image-size", type=int, metavar="S", help="input size S x S")
+    pre.add_argument("--resize-size", type=int, metavar="R",
+                     help="shorter side before the center crop")
+    pre.add_argument("--crop-pct", type=float, help="image size / resize size (timm's)")
+    pre.add_argument("--interpolation", choices=INTERPOLATIONS, help="resampling filter")
     for f in dataclasses.fields(ModelConfig):
         if f.name not in _ARCH_OPTIONS:
             continue
@@ -104,6 +118,54 @@ _NOT_IN_KEYS = {
 }
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers, e.g. "
+                                         "0.485,0.456,0.406") from None
+
+
+# The preprocessing options: command-line dest -> Preprocessing field.
+_PRE_OPTIONS = {"mean": "mean", "std": "std", "image_size": "input_size",
+                "resize_size": "resize_size", "crop_pct": "crop_pct",
+                "interpolation": "interpolation"}
+
+
+def preprocessing_with(base: Preprocessing | None, src: str, channels: int,
+                       **given: Any) -> Preprocessing | None:
+    """``base`` (what SRC states) with the given options (``_PRE_OPTIONS`` keys, None: not
+    given) in its place; ``ConversionError`` names a value that cannot be."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return base
+    for key in ("mean", "std"):
+        if key in given and len(given[key]) != channels:
+            raise ConversionError(f"--{key} {','.join(map(str, given[key]))}: the model takes "
+                                  f"{channels} channels, so give {channels} values")
+    if any(v <= 0 for v in given.get("std", ())):
+        raise ConversionError(f"--std {','.join(map(str, given['std']))}: every value must "
+                              "be > 0")
+    for key in ("image_size", "resize_size"):
+        if key in given and given[key] < 1:
+            raise ConversionError(f"{_flag(key)} {given[key]} must be >= 1")
+    if "crop_pct" in given and not 0 < given["crop_pct"] <= 1:
+        raise ConversionError(f"--crop-pct {given['crop_pct']} must be in (0, 1]")
+    if base is None and not {"mean", "std"} <= set(given):
+        raise ConversionError(f"{src} states no preprocessing: give --mean and --std (and "
+                              "--image-size...) to record one")
+    fields = {_PRE_OPTIONS[k]: v for k, v in given.items()}
+    if "input_size" in fields:
+        fields["input_size"] = (channels, fields["input_size"], fields["input_size"])
+    if "crop_pct" in fields and "resize_size" not in fields:
+        fields["resize_size"] = None  # a new ratio replaces an exact resize SRC stated
+    said = " ".join(f"{_flag(k)} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                    for k, v in given.items())
+    if base is None:
+        return Preprocessing(source=f"flax-resnet-convert {said}", **fields)
+    return dataclasses.replace(base, **fields, source=f"{base.source}; {said}")
+
+
 def _is_dir_dst(path: str) -> bool:
     return os.path.isdir(path) or path.endswith(os.sep) or not suffix(path)
 
@@ -113,10 +175,12 @@ def _flag(field: str) -> str:
 
 
 def convert(src: str, dst: str, *, naming: str = "auto", to_naming: str | None = None,
-            step: int | None = None, model: str | None = None, **arch: Any
+            step: int | None = None, model: str | None = None,
+            preprocessing: dict[str, Any] | None = None, **arch: Any
             ) -> tuple[nnx.Module, dict[str, Any], str]:
     """The command line's work: read ``src``, write ``dst``; returns (model, config, what was
-    written: a naming, "flax", or "hf"/"timm" for a model directory)."""
+    written: a naming, "flax", or "hf"/"timm" for a model directory). ``preprocessing``:
+    the ``_PRE_OPTIONS`` given. A directory DST records SRC's provenance (``origin.json``)."""
     if not _is_dir_dst(dst) and suffix(dst) not in PYTORCH_SUFFIXES:
         raise ConversionError(
             f"unknown weight file type {suffix(dst)!r} for {dst}; a PyTorch DST is one of "
@@ -137,16 +201,22 @@ def convert(src: str, dst: str, *, naming: str = "auto", to_naming: str | None =
                               "for a freshly initialised one")
     net = weights.build(num_classes=num_classes)
     config = weights.create_kwargs(num_classes)
+    pre = preprocessing_with(weights.preprocessing, src, config["in_channels"],
+                             **(preprocessing or {}))
     if _is_dir_dst(dst):
+        origin = weights.provenance()
         if to_naming in LIBRARY_DIRS:
-            save_library_dir(net, config, dst, to_naming, weights.preprocessing)
+            save_library_dir(net, config, dst, to_naming, pre, origin)
             return net, config, to_naming
         if to_naming is not None:
             raise ConversionError(f"--to {to_naming} writes a file: give DST a suffix "
                                   f"({', '.join(PYTORCH_SUFFIXES)}); a directory DST is a Flax "
                                   f"checkpoint or, with --to hf / --to timm, that library's")
-        save_flax(net, config, dst, weights.preprocessing)
+        save_flax(net, config, dst, pre, origin)
         return net, config, "flax"
+    if preprocessing and any(v is not None for v in preprocessing.values()):
+        raise ConversionError("a PyTorch file DST holds no preprocessing: --mean, --std, "
+                              "--image-size... need a directory DST")
     out = to_naming or weights.naming
     save_pytorch(net, dst, out)
     return net, config, out
@@ -156,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m flax_resnet.convert SRC DST [options]``; 0 on success, 2 on bad input."""
     args = _parser().parse_args(argv)
     arch = {k: getattr(args, k) for k in _ARCH_OPTIONS}
+    pre = {k: getattr(args, k) for k in _PRE_OPTIONS}
     try:
         _, config, written = convert(
             args.src, args.dst, naming=args.naming, to_naming=args.to_naming, step=args.step,
-            model=args.model, **arch,
+            model=args.model, preprocessing=pre, **arch,
         )
     except (ValueError, OSError) as err:  # ConversionError is a ValueError
         print(f"error: {err}", file=sys.stderr)

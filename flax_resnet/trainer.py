@@ -220,10 +220,10 @@ class _Run:
             cfg, mesh, DataSpec(spe, data.image_shape, tuple(stats.mean), tuple(stats.std)),
             initial=initial)
         if weights is not None:
-            if self.lead and getattr(weights, "origin", None):
+            if self.lead:
                 write_json(workdir / "init_from.json", {
                     "init_from": cfg.init_from, "description": weights.description,
-                    "origin": dict(weights.origin)})
+                    "origin": weights.provenance()})
             self.say(f"initialised from {weights.description}"
                      + (", with a fresh classifier (reset_classifier)"
                         if cfg.reset_classifier else ""))

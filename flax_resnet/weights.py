@@ -60,6 +60,7 @@ from flax_resnet.writers import (
     DTYPE_FIELDS,
     FLAX_CONFIG_FILE,
     FLAX_STATE_FILE,
+    ORIGIN_FILE,
     PREPROCESSING_FILE,
     PYTORCH_SUFFIXES,
     TORCH_SUFFIXES,
@@ -168,6 +169,24 @@ class Weights:
         except (TypeError, ValueError) as err:
             raise ConversionError(f"the config of {self.description} {fields} is no "
                                   f"ModelConfig: {err}") from None
+
+    def provenance(self) -> dict[str, Any]:
+        """Where these weights came from, as converted weights (``origin.json``) and runs
+        (``init_from.json``) record it: a published name's resolution (``origin``: Hub repo
+        and commit, or torchvision's URL and SHA-256), else the local path with the SHA-256
+        of its weight file (and a run's step)."""
+        if self.origin:
+            return json.loads(json.dumps(dict(self.origin)))
+        path = os.path.abspath(self.source)
+        out: dict[str, Any] = {"source": self.kind, "path": path}
+        weight_file = {"file": path, "flax": os.path.join(path, FLAX_STATE_FILE)}.get(
+            self.kind) or (_library_weights_file(path) if self.kind in libs.LIBRARY_DIRS
+                           else None)
+        if weight_file is not None:
+            out["sha256"] = named_weights.sha256_of(weight_file)
+        if self.step is not None:
+            out["step"] = self.step
+        return out
 
     def build(self, *, dtype: Any = None, num_classes: int | None = None,
               rngs: nnx.Rngs | None = None) -> nnx.Module:
@@ -447,6 +466,9 @@ def resolve(source: str | os.PathLike, *, step: int | None = None, naming: str =
         raise FixedArchitectureError(f"{source} ({kind.what})", names)
     hints = {**given, **({"model": model} if model is not None else {})}
     weights = kind.read(at, step, naming, hints)
+    recorded = os.path.join(at.path, ORIGIN_FILE)
+    if os.path.isdir(at.path) and os.path.isfile(recorded):  # converted before: the first source
+        weights = dataclasses.replace(weights, origin=read_json(recorded))
     if at.named is not None:
         weights = at.named.apply(weights)
     return dataclasses.replace(weights, source=source)

@@ -32,6 +32,9 @@ PYTORCH_SUFFIXES: tuple[str, ...] = (*TORCH_SUFFIXES, ".safetensors")
 FLAX_STATE_FILE = "state.msgpack"
 FLAX_CONFIG_FILE = "config.json"
 PREPROCESSING_FILE = "preprocessing.json"
+# where converted weights came from (``Weights.provenance``), beside a written directory's
+# weights, so that a chain of conversions still names the first source
+ORIGIN_FILE = "origin.json"
 DTYPE_FIELDS: tuple[str, ...] = ("dtype", "param_dtype")
 
 
@@ -115,9 +118,10 @@ def _json_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def save_flax(model: nnx.Module, config: Mapping[str, Any], path: str | os.PathLike,
-              preprocessing: Preprocessing | None = None) -> None:
+              preprocessing: Preprocessing | None = None,
+              origin: Mapping[str, Any] | None = None) -> None:
     """Write a Flax checkpoint directory: ``state.msgpack``, ``config.json`` and, when
-    given, the weights' ``preprocessing.json``.
+    given, the weights' ``preprocessing.json`` and ``origin.json``.
 
     ``config`` holds the ``create_resnet`` keyword arguments (less ``rngs``) that build
     ``model``; it is checked against the model's variables. The directory is written next to
@@ -151,6 +155,8 @@ def save_flax(model: nnx.Module, config: Mapping[str, Any], path: str | os.PathL
         if preprocessing is not None:
             _write_text(os.path.join(tmp, PREPROCESSING_FILE),
                         _json_text(preprocessing.to_dict()))
+        if origin:
+            _write_text(os.path.join(tmp, ORIGIN_FILE), _json_text(dict(origin)))
         if os.path.isdir(path) and os.listdir(path):
             os.replace(path, old)
         os.replace(tmp, path)
@@ -163,11 +169,13 @@ def save_flax(model: nnx.Module, config: Mapping[str, Any], path: str | os.PathL
 
 
 def save_library_dir(model: nnx.Module, config: Mapping[str, Any], path: str | os.PathLike,
-                     library: str, preprocessing: Preprocessing | None = None) -> None:
+                     library: str, preprocessing: Preprocessing | None = None,
+                     origin: Mapping[str, Any] | None = None) -> None:
     """Write ``model`` as a Hugging Face transformers directory (``library="hf"``:
     ``ResNetForImageClassification.from_pretrained(path)`` loads it) or a timm hub directory
     (``"timm"``: ``timm.create_model("local-dir:" + path, pretrained=True)``), with the
-    weights' preprocessing when known. What the library cannot express is refused."""
+    weights' preprocessing when known and ``origin.json`` when given. What the library
+    cannot express is refused."""
     from flax_resnet.config import ModelConfig
 
     path = os.fspath(path)
@@ -181,6 +189,8 @@ def save_library_dir(model: nnx.Module, config: Mapping[str, Any], path: str | o
     else:
         raise ConversionError(f"unknown library {library!r}; allowed: "
                               f"{', '.join(libs.LIBRARY_DIRS)}")
+    if origin:
+        files[ORIGIN_FILE] = dict(origin)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConversionError(f"{path} exists and is not a directory")
     os.makedirs(path, exist_ok=True)

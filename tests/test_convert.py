@@ -467,6 +467,47 @@ def test_resolve_errors_name_the_source_and_what_is_wrong(tmp_path):
         weights.resolve(tmp_path / "empty")
 
 
+def test_the_converter_records_preprocessing_and_where_the_weights_came_from(tmp_path, capsys):
+    """A torch_ref state_dict states no preprocessing: --mean/--std (and sizes) record one,
+    which eval, predict and export then use; origin.json names the file by its SHA-256 and
+    survives a second conversion; bad values exit 2 naming them, writing nothing."""
+    import hashlib
+
+    from flax_resnet.transforms import EvalTransform
+
+    src = tmp_path / "w.pt"
+    torch.save(torch_ref.create_resnet(18, width=0.125, **SMALL).state_dict(), src)
+    first, second = tmp_path / "flax", tmp_path / "again"
+    assert convert.main([str(src), str(first), "--mean", "0.5,0.4,0.3", "--std", "0.2,0.2,0.2",
+                         "--image-size", "40", "--resize-size", "48",
+                         "--interpolation", "bicubic"]) == 0
+    pre = weights.resolve(first).preprocessing
+    assert (pre.mean, pre.std, pre.input_size) == ((0.5, 0.4, 0.3), (0.2,) * 3, (3, 40, 40))
+    assert EvalTransform.from_preprocessing(pre) == EvalTransform(40, 48, "bicubic")
+    origin = json.loads((first / "origin.json").read_text())
+    assert origin == {"source": "file", "path": str(src),
+                      "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}
+    assert convert.main([str(first), str(second), "--crop-pct", "0.8"]) == 0
+    again = weights.resolve(second)
+    assert again.provenance() == origin
+    assert (again.preprocessing.crop_pct, again.preprocessing.resize_size) == (0.8, None)
+    assert again.preprocessing.mean == pre.mean
+    capsys.readouterr()
+    for args, says in (([], "states no preprocessing: give --mean and --std"),
+                       (["--mean", "0.5,0.4", "--std", "1,1,1"], "--mean 0.5,0.4: the model "
+                        "takes 3 channels"),
+                       (["--mean", "0,0,0", "--std", "1,0,1"], "--std 1.0,0.0,1.0: every value"),
+                       (["--mean", "0,0,0", "--std", "1,1,1", "--crop-pct", "1.5"],
+                        "--crop-pct 1.5 must be in (0, 1]")):
+        dst = tmp_path / "never"
+        assert convert.main([str(src), str(dst), "--image-size", "32", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+        assert not dst.exists()
+    assert convert.main([str(first), str(tmp_path / "w2.pt"), "--std", "1,1,1"]) == 2
+    assert "need a directory DST" in capsys.readouterr().err
+
+
 def test_a_run_directory_with_a_flat_config_is_refused(tmp_path):
     """Runs store ``{"model": {...}, ...}``; the flat form predates the first release."""
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)

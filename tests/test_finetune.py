@@ -7,7 +7,9 @@ workdir exports to the library's own format, which the library loads strictly.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,10 @@ def test_finetune_from_library_weights_and_export_back(source, jax_cache, tmp_pa
     assert f"architecture from init_from {weights}" in out and "initialised from" in out, out
     stats = json.loads((workdir / "preprocessing.json").read_text())
     assert stats["mean"] == [0.485, 0.456, 0.406], stats  # the weights', not the data set's
+    origin = json.loads((workdir / "init_from.json").read_text())["origin"]
+    assert origin["path"] == os.path.abspath(weights), origin
+    if os.path.isfile(weights):
+        assert origin["sha256"] == hashlib.sha256(Path(weights).read_bytes()).hexdigest()
     # back to the library: a 2-class model of the same architecture, loaded strictly
     if case.source == "hf":
         assert convert.main([str(workdir), str(tmp_path / "out"), "--to", "hf"]) == 0

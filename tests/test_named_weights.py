@@ -457,12 +457,19 @@ def test_converter_cli_takes_names(saved, hub, caches, tmp_path, monkeypatch, ca
     assert recorded["source"] == f"timm pretrained_cfg of hf-hub:{TIMM_REPO}@{COMMIT}"
     model, _ = flax_resnet.load(out)
     assert rel_err(flax_logits(model), saved["timm"]) <= LOGIT_RTOL
+    origin = json.loads((out / "origin.json").read_text())
+    assert (origin["repo_id"], origin["commit"]) == (TIMM_REPO, COMMIT), origin
+    # converted again (to a timm directory): the first source is still the one named
+    assert convert_cli.main([str(out), str(tmp_path / "again"), "--to", "timm"]) == 0
+    assert json.loads((tmp_path / "again" / "origin.json").read_text()) == origin
     name = named_like_torchvision(saved, monkeypatch)
     caches["torch"].mkdir(parents=True)
     (caches["torch"] / name).write_bytes((saved["root"] / "tv.pth").read_bytes())
     assert convert_cli.main(["torchvision:resnet18.IMAGENET1K_V1", str(tmp_path / "tv")]) == 0
     recorded = json.loads((tmp_path / "tv" / "preprocessing.json").read_text())
     assert recorded["resize_size"] == 256 and saved["tv_sha256"] in recorded["source"]
+    origin = json.loads((tmp_path / "tv" / "origin.json").read_text())
+    assert origin["sha256"] == saved["tv_sha256"] and origin["url"].endswith(name), origin
     capsys.readouterr()
     # the published name: the file there fails its name's checksum
     (caches["torch"] / name).rename(caches["torch"] / published)
