@@ -449,6 +449,26 @@ def check_onnx(path: str | os.PathLike, weights: Any, spec: InputSpec,
 # --- the whole export -------------------------------------------------------------------------
 
 
+def check_options(format: str, platforms: Sequence[str] | str | None = None,
+                  dtype: str = "float32", image_size: int | None = None) -> None:
+    """``ExportError`` for options that do not go together or a missing ONNX extra, before
+    any weights are read."""
+    _choice("format", format, FORMATS)
+    _choice("dtype", dtype, DTYPES)
+    if image_size is not None:
+        _check_size(image_size)
+    if platforms is not None:
+        parse_platforms(platforms)
+    if format == "onnx":
+        if platforms is not None:
+            raise ExportError("--platforms applies to --format stablehlo; an ONNX file runs "
+                              "wherever onnxruntime does")
+        if dtype != "float32":
+            raise ExportError(f"--format onnx exports float32 (PyTorch's twin); dtype {dtype!r} "
+                              "is for --format stablehlo")
+        _require_onnx()
+
+
 def _out_dir(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -479,18 +499,7 @@ def export(weights: Any, out_dir: str | os.PathLike, *, format: str = "stablehlo
 
     from flax_resnet.prediction import class_names
 
-    _choice("format", format, FORMATS)
-    _choice("dtype", dtype, DTYPES)
-    if image_size is not None:
-        _check_size(image_size)
-    if format == "onnx":
-        if platforms is not None:
-            raise ExportError("--platforms applies to --format stablehlo; an ONNX file runs "
-                              "wherever onnxruntime does")
-        if dtype != "float32":
-            raise ExportError(f"--format onnx exports float32 (PyTorch's twin); dtype {dtype!r} "
-                              "is for --format stablehlo")
-        _require_onnx()
+    check_options(format, platforms, dtype, image_size)
     platforms = parse_platforms(platforms if platforms is not None else
                                 (jexport.default_export_platform(),))
     out = _out_dir(out_dir)
@@ -542,6 +551,8 @@ def export(weights: Any, out_dir: str | os.PathLike, *, format: str = "stablehlo
         "check": result.to_dict() if result is not None else None,
     }
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+    if "check_skipped" in extra:
+        say(f"{model_path}: not checked: {extra['check_skipped']}")
     if result is not None:
         say(f"{model_path}: {result.summary()}")
         if not result.passed:

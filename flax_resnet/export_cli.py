@@ -22,16 +22,16 @@ PROG = "flax-resnet-export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Defaults are said in each help text: several are "the weights'" rather than a value.
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("weights", help="weights: a file, a directory, a train.py run or a name "
                    "(hf-hub:ORG/NAME, torchvision:MODEL.ENTRY)")
     p.add_argument("out_dir", help="output directory (created if missing)")
     p.add_argument("--step", type=int, default=None, help="a run's checkpoint (default: "
                    "the latest)")
     p.add_argument("--format", choices=FORMATS, default="stablehlo",
-                   help="stablehlo: jax.export artifact; onnx: through the PyTorch twin "
-                   "(needs the onnx extra)")
+                   help="stablehlo (default): a jax.export artifact, model.jax; onnx: model.onnx "
+                   "through the PyTorch twin (needs pip install 'flax_resnet[onnx]')")
     p.add_argument("--platforms", default=None,
                    help=f"comma-separated, of {', '.join(PLATFORMS)} (stablehlo only; "
                    "default: this machine's)")
@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fix height and width (default: the weights' input size with "
                    "--with-preprocessing, else symbolic where the architecture allows)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="compute dtype inside the artifact (input and logits stay float32; "
-                   "onnx: float32 only)")
+                   help="compute dtype inside the artifact (default float32; input and logits "
+                   "stay float32; onnx: float32 only)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip running the artifact against the float64 model")
     return p
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flax_resnet.export import ExportError, export, parse_platforms
+    from flax_resnet.export import ExportError, check_options, export, parse_platforms
     from flax_resnet.sources import DataError
     from flax_resnet.weights import resolve
 
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         return fail(f"--platforms: {e}")
     try:
+        check_options(args.format, platforms, args.dtype)  # before reading any weights
         weights = resolve(args.weights, step=args.step)
         meta = export(weights, args.out_dir, format=args.format, platforms=platforms,
                       with_preprocessing=args.with_preprocessing, image_size=args.image_size,
