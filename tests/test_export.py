@@ -298,3 +298,15 @@ def test_onnx_without_its_extra_names_the_install(weights_dir, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "onnxscript" in err and "pip install 'flax_resnet[onnx]'" in err
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_failed_check_exits_2_and_keeps_the_files(weights_dir, tmp_path, capsys, monkeypatch):
+    from flax_resnet.export_cli import main
+
+    failing = ex.Float32Check(1e-3, 1e-7, "Flax float32 eval forward")
+    monkeypatch.setattr(ex, "check_stablehlo", lambda *a, **k: failing)
+    assert main([str(weights_dir), str(tmp_path), "--image-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "fails its check" in err and "FAILED" in err and "Traceback" not in err
+    meta = json.loads((tmp_path / "export.json").read_text())
+    assert meta["check"]["passed"] is False and (tmp_path / "model.jax").is_file()
