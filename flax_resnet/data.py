@@ -104,10 +104,11 @@ _TFDS_ARCHIVES = {
 
 
 def load_dataset(spec: str, data_dir: str | os.PathLike | None = "data", stream: bool = False,
-                 say: Callable[[str], None] | None = None) -> Dataset:
+                 say: Callable[[str], None] | None = None, eval_only: bool = False) -> Dataset:
     """The data set ``spec`` (one of ``DATASET_SPECS``): in memory as uint8 NHWC images and
     int32 labels, or streamed from encoded images (image folders of several sizes or large
     ones, ImageNet; ``stream`` asks for that for any folder). ``say`` hears what was chosen.
+    ``eval_only``: an image folder may lack ``train/`` (its classes are then the eval split's).
 
     Raises ``DataUnavailableError`` (with a how-to message) when the data is missing and
     cannot be fetched, ``DataError`` for a bad spec or malformed data.
@@ -121,7 +122,7 @@ def load_dataset(spec: str, data_dir: str | os.PathLike | None = "data", stream:
         path = spec[len("folder:") :]
         if not path:
             raise DataError("--dataset folder:PATH needs a PATH, e.g. folder:data/cifar10-jpeg")
-        return load_image_folder(path, data_dir, stream=stream, say=say)
+        return load_image_folder(path, data_dir, stream=stream, say=say, eval_only=eval_only)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         parts = spec.split(":")[1:]
         try:

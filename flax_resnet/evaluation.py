@@ -81,12 +81,16 @@ def evaluate_weights(weights: Any, dataset: str, data_dir: str | None = None,
 
     settings = settings or EvalSettings()
     files = dataset.startswith("folder:") or dataset == "imagenet2012"
-    ds = load_dataset(dataset, data_dir, stream=files, say=say)
+    ds = load_dataset(dataset, data_dir, stream=files, say=say, eval_only=True)
     outputs = weights.classifier_size
     if outputs is not None and outputs != ds.num_classes:
+        no_train = dataset.startswith("folder:") and len(ds.train) == 0
         raise DataError(f"the weights {weights.source} have {outputs} outputs but {dataset} has "
                         f"{ds.num_classes} classes; evaluate them on a data set of "
-                        f"{outputs} classes")
+                        f"{outputs} classes" + (
+                            " (without train/, the classes are the evaluation split's folders:"
+                            " every class needs one, or add train/ with all of them)"
+                            if no_train else ""))
     pre = weights.preprocessing
     mean, std = (tuple(pre.mean), tuple(pre.std)) if pre is not None else (ds.mean, ds.std)
     mesh = make_mesh()

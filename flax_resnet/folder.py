@@ -48,36 +48,42 @@ def _layout_hint(root: Path) -> str:
     return f"expected {root}/train/CLASS/*.jpg|png and {root}/val/CLASS/* (or test/)"
 
 
-def list_folder(root: Path) -> tuple[list[str], Entries, Entries, str]:
+def list_folder(root: Path, eval_only: bool = False) -> tuple[list[str], Entries, Entries, str]:
     """The classes, the train and eval files, and a key over every file's path, size and
-    mtime. Everything wrong with the layout is named here, before any training."""
+    mtime. Everything wrong with the layout is named here, before any training.
+
+    ``eval_only`` (evaluating weights): without ``train/`` the classes are the eval split's
+    sorted folder names (no train files); the caller checks they are all there."""
     if not root.is_dir():
         raise DataUnavailableError(
             f"image folder {str(root)!r} does not exist ({_layout_hint(root)}). For the "
             "CIFAR-10 JPEG copy:\n    mkdir -p data && tar xzf cifar10-jpeg.tar.gz -C data\n"
             "    --dataset folder:data/cifar10-jpeg")
     eval_split = next((s for s in EVAL_SPLITS if (root / s).is_dir()), None)
-    missing = [s for s, there in (("train", (root / "train").is_dir()),
+    has_train = (root / "train").is_dir()
+    missing = [s for s, there in (("train", has_train or eval_only),
                                   ("val or test", eval_split)) if not there]
     if missing:
         raise DataError(f"image folder {str(root)!r} has no {' and no '.join(missing)} "
                         f"subfolder; {_layout_hint(root)}")
     assert eval_split is not None
-    classes = sorted(d.name for d in os.scandir(root / "train") if d.is_dir())
+    class_split = "train" if has_train else eval_split
+    classes = sorted(d.name for d in os.scandir(root / class_split) if d.is_dir())
     if not classes:
-        raise DataError(f"image folder {str(root / 'train')!r} has no class subfolders; "
+        raise DataError(f"image folder {str(root / class_split)!r} has no class subfolders; "
                         f"{_layout_hint(root)}")
     index = {c: i for i, c in enumerate(classes)}
     digest = hashlib.sha256(os.fspath(root.absolute()).encode())
     splits: dict[str, Entries] = {}
-    for split in ("train", eval_split):
+    splits["train"] = []
+    for split in ("train", eval_split) if has_train else (eval_split,):
         entries: Entries = []
         for cdir in sorted(os.scandir(root / split), key=lambda d: d.name):
             if not cdir.is_dir():
                 continue
             if cdir.name not in index:
                 raise DataError(f"class {cdir.name!r} in {str(root / split)!r} is not among "
-                                f"the {len(classes)} classes of {str(root / 'train')!r} "
+                                f"the {len(classes)} classes of {str(root / class_split)!r} "
                                 f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
             before = len(entries)
             for f in sorted(os.scandir(cdir.path), key=lambda d: d.name):
@@ -170,11 +176,12 @@ def _decoded(entries: Entries) -> ArraySource:
 
 
 def load_image_folder(path: str | os.PathLike, data_dir: str | os.PathLike = "data",
-                      stream: bool = False, say: Callable[[str], None] | None = None
-                      ) -> Dataset:
+                      stream: bool = False, say: Callable[[str], None] | None = None,
+                      eval_only: bool = False) -> Dataset:
     """The image folder at ``path``: decoded in memory when its images all have one size
     and fit ``IN_MEMORY_LIMIT`` (and ``stream`` is not asked), streamed from the files
-    otherwise. ``say`` receives one line telling which.
+    otherwise. ``say`` receives one line telling which. ``eval_only``: streamed, and
+    ``train/`` may be absent (``list_folder``).
 
     Input statistics: CIFAR-10's when the classes are CIFAR-10's; else, in memory, the
     per-channel mean and std of the train split; streamed, ImageNet's (a run may estimate
@@ -182,7 +189,8 @@ def load_image_folder(path: str | os.PathLike, data_dir: str | os.PathLike = "da
     """
     say = say or (lambda line: print(line, file=sys.stderr))
     root = Path(path)
-    classes, train_files, eval_files, key = list_folder(root)
+    classes, train_files, eval_files, key = list_folder(root, eval_only)
+    stream = stream or eval_only
     n = len(train_files) + len(eval_files)
     cifar = tuple(classes) == CIFAR10_CLASSES
     arrays = None if stream else _read_cache(candidates := _cache_candidates(root, data_dir),

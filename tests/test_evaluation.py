@@ -4,6 +4,7 @@ with torchvision's ImageFolder and transforms on the same files."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -71,6 +72,32 @@ def test_eval_cli_equals_pytorch_on_the_same_files(setup, tmp_path, capsys):
     assert result["top5"] == 1.0  # three classes: the top five hold them all
     assert set(result["per_class_top1"]) == {"n01440764", "n01443537", "n01484850"}
     assert "top-1" in capsys.readouterr().out
+
+
+def test_a_folder_of_evaluation_images_alone_is_enough(setup, tmp_path, capsys):
+    """ImageNet users often hold val/ only: its class folders then name the classes, all of
+    them needed; results equal those with train/ beside it."""
+    import shutil
+
+    from flax_resnet.eval_cli import main
+
+    root, path, _ = setup
+    only_val = tmp_path / "only_val"
+    shutil.copytree(root / "val", only_val / "val")
+    results = []
+    for where in (root, only_val):
+        out = tmp_path / f"{where.name}.json"
+        assert main([str(path), "--dataset", f"folder:{where}", "--batch-size", "6",
+                     "--data-workers", "0", "--per-image", "--json", str(out),
+                     "--no-progress"]) == 0, capsys.readouterr().err
+        result = json.loads(out.read_text())
+        results.append([(os.path.relpath(p["image"], where), p["label"], p["top5"])
+                        for p in result["predictions"]])
+    assert results[0] == results[1]
+    shutil.rmtree(only_val / "val" / "n01484850")
+    assert main([str(path), "--dataset", f"folder:{only_val}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "3 outputs but" in err and "every class needs one" in err, err
 
 
 def test_eval_cli_bad_input_exits_2(setup, tmp_path, capsys):

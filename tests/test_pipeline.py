@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -177,6 +178,7 @@ def test_a_bad_image_stops_with_a_checkpoint_or_is_skipped(tmp_path):
     ("empty_class", "holds no"),
     ("val_only_class", "is not among"),
     ("no_images", "holds no"),
+    ("no_train", "has no train subfolder"),  # only evaluation may go without
 ])
 def test_folder_mistakes_are_named_before_training(tmp_path, layout, needle):
     from flax_resnet.data import DataError, load_dataset
@@ -185,6 +187,8 @@ def test_folder_mistakes_are_named_before_training(tmp_path, layout, needle):
     write_tree(root, per_class=(1, 2))
     if layout == "empty_class":
         (root / "train" / "n09999999").mkdir()
+    elif layout == "no_train":
+        shutil.rmtree(root / "train")
     elif layout == "val_only_class":
         (root / "val" / "n09999999").mkdir()
         (root / "val" / SYNSETS[0] / f"{SYNSETS[0]}_00000.JPEG").rename(
