@@ -21,6 +21,7 @@ LONGEST_FIRST = (
     "tests/test_pipeline.py",
     "tests/test_bench_smoke.py",
     "tests/test_trainer.py",
+    "tests/test_export.py",
 )
 
 
