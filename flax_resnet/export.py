@@ -536,7 +536,7 @@ def export(weights: Any, out_dir: str | os.PathLike, *, format: str = "stablehlo
     meta: dict[str, Any] = {
         "format": format, "file": model_path.name, "sha256": _sha256(model_path),
         "source": weights.source, "description": weights.description, "step": weights.step,
-        "origin": dict(weights.origin), "architecture": dict(weights.config),
+        "origin": weights.provenance(), "architecture": dict(weights.config),
         "input": {"shape": spec.shape(), "dtype": spec.dtype, "layout": LAYOUT,
                   "symbolic": ["b"] + (["h", "w"] if spec.symbolic_spatial else []),
                   **({"fixed_size_reason": why} if why else {})},

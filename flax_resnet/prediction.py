@@ -27,7 +27,7 @@ def imagenet_class_names() -> tuple[str, ...]:
 def class_names(weights: Any) -> tuple[str, ...]:
     """The names of ``weights``' outputs (see the module)."""
     outputs = int(weights.classifier_size or 0)
-    where = Path(weights.source)
+    where = Path(weights.path or weights.source)  # a Hub name: its cached snapshot
     if where.is_dir():
         for candidate in (where / CLASSES_FILE, where / "config.json"):
             if not candidate.is_file():

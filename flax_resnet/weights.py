@@ -117,6 +117,8 @@ class Weights:
     hints: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # model=, fields=
     # a published name's resolution: Hub repo_id and commit, or torchvision's url and sha256
     origin: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # the local file or directory read: ``source`` itself, or a published name's cached copy
+    path: str = ""
 
     def __post_init__(self) -> None:
         for name in ("dtypes", "source_keys", "hints", "origin"):
@@ -177,7 +179,7 @@ class Weights:
         of its weight file (and a run's step)."""
         if self.origin:
             return json.loads(json.dumps(dict(self.origin)))
-        path = os.path.abspath(self.source)
+        path = os.path.abspath(self.path or self.source)
         out: dict[str, Any] = {"source": self.kind, "path": path}
         weight_file = {"file": path, "flax": os.path.join(path, FLAX_STATE_FILE)}.get(
             self.kind) or (_library_weights_file(path) if self.kind in libs.LIBRARY_DIRS
@@ -471,7 +473,7 @@ def resolve(source: str | os.PathLike, *, step: int | None = None, naming: str =
         weights = dataclasses.replace(weights, origin=read_json(recorded))
     if at.named is not None:
         weights = at.named.apply(weights)
-    return dataclasses.replace(weights, source=source)
+    return dataclasses.replace(weights, source=source, path=at.path)
 
 
 # --- the thin layers --------------------------------------------------------------------------

@@ -138,6 +138,7 @@ def test_stablehlo_artifact_serves_without_flax_resnet(weights_dir, weights, tmp
     assert meta["class_names"] == ["class 0", "class 1", "class 2"]
     assert meta["platforms"] == ["cpu"] and meta["calling_convention_version"] >= 9
     assert meta["output"]["shape"] == ["b", 3] and meta["architecture"]["depth"] == 18
+    assert meta["origin"] == weights.provenance() and len(meta["origin"]["sha256"]) == 64
     assert meta["check"] is None and meta8["check"] is None  # --no-check
 
 

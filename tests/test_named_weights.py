@@ -23,6 +23,7 @@ import torch
 import flax_resnet
 from flax_resnet import convert_cli, named_weights, train_cli
 from flax_resnet.named_weights import ChecksumError, NamedWeightsError, NotCachedError
+from flax_resnet.prediction import class_names
 from flax_resnet.preprocessing import Preprocessing
 from flax_resnet.transforms import EvalTransform
 from parity_tests.harness import LOGIT_RTOL, randomize_norms_, rel_err
@@ -44,6 +45,9 @@ def torch_logits(model: torch.nn.Module) -> np.ndarray:
 def flax_logits(model) -> np.ndarray:
     model.eval()
     return np.asarray(model(jnp.asarray(X.transpose(0, 2, 3, 1))))
+
+
+HF_LABELS = ("cat", "dog", "fox", "owl", "yak")
 
 
 def put_in_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: str,
@@ -83,7 +87,7 @@ def saved(tmp_path_factory):
     save_for_hf(timm_model.eval(), root / "timm", safe_serialization=True)
     hf_model = ResNetForImageClassification(ResNetConfig(
         num_labels=5, layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[8, 16, 32, 64],
-        embedding_size=8))
+        embedding_size=8, id2label=dict(enumerate(HF_LABELS))))
     randomize_norms_(hf_model, 2)
     hf_model.eval().save_pretrained(root / "hf")
     (root / "hf" / "preprocessor_config.json").write_text(json.dumps({
@@ -206,6 +210,7 @@ def test_hf_transformers_repo_by_bare_name(saved, hub):
     assert w.preprocessing.source == (f"hf-hub:{HF_REPO}@{COMMIT}/preprocessor_config.json")
     # Same tolerance as above; measured 2.5e-7 here.
     assert rel_err(flax_logits(w.build()), saved["hf"]) <= LOGIT_RTOL
+    assert class_names(w) == HF_LABELS  # the cached snapshot's id2label
 
 
 def test_an_existing_path_wins_over_a_hub_name(saved, hub, tmp_path, monkeypatch):
