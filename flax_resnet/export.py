@@ -23,7 +23,6 @@ is PyTorch's) and the Flax model's own eval forward, at the export's dtype, for 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from flax_resnet.named_weights import sha256_of
 
 FORMATS: tuple[str, ...] = ("stablehlo", "onnx")
 PLATFORMS: tuple[str, ...] = ("cpu", "cuda", "rocm", "tpu")
@@ -478,14 +479,6 @@ def _out_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export(weights: Any, out_dir: str | os.PathLike, *, format: str = "stablehlo",
            platforms: Sequence[str] | str | None = None, with_preprocessing: bool = False,
            image_size: int | None = None, dtype: str = "float32", check: bool = True,
@@ -534,7 +527,7 @@ def export(weights: Any, out_dir: str | os.PathLike, *, format: str = "stablehlo
             result = check_onnx(model_path, weights, spec, size)
     mean, std, stats_source = mean_std(weights)
     meta: dict[str, Any] = {
-        "format": format, "file": model_path.name, "sha256": _sha256(model_path),
+        "format": format, "file": model_path.name, "sha256": sha256_of(model_path),
         "source": weights.source, "description": weights.description, "step": weights.step,
         "origin": weights.provenance(), "architecture": dict(weights.config),
         "input": {"shape": spec.shape(), "dtype": spec.dtype, "layout": LAYOUT,
