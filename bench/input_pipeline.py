@@ -180,41 +180,51 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(side, Path(root), int(workers), args.batch_size, args.size,
                                  args.batches)))
         return 0
-    tmp = None
-    if args.root is None:
-        tmp = tempfile.TemporaryDirectory()
-        args.root = Path(tmp.name)
-    rows = []
-    sizes = [int(s) for s in args.images.split(",")]
-    for n in sizes:
-        folder = make_folder(args.root / f"jpeg-{n}", n)
-        for workers in (int(w) for w in args.workers.split(",")):
-            for side in ("flax_resnet", "torch"):
-                cmd = [sys.executable, "-m", "bench.input_pipeline", "--one",
-                       f"{side}:{folder}:{workers}", "--batch-size", str(args.batch_size),
-                       "--size", str(args.size), "--batches", str(args.batches)]
-                done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-                if done.returncode:
-                    print(done.stderr[-3000:], file=sys.stderr)
-                    return done.returncode
-                row = {"images": n, **json.loads(done.stdout.strip().splitlines()[-1])}
-                rows.append(row)
-                print(f"{n:>6} images  {side:<11} workers {workers}: "
-                      f"{row['images_per_s']:8.1f} img/s ({row['images_per_s'] / workers:6.1f}"
-                      f" per worker), first batch {row['first_batch_s']:.1f} s, peak "
-                      f"{row['peak_rss_mib']:,.0f} MiB", flush=True)
-    report = {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-              "command": " ".join(["python -m bench.input_pipeline", *(argv or sys.argv[1:])]),
-              "machine": f"{_cpu_model()}, {os.cpu_count()} cores", "versions": _versions(),
-              "rows": rows}
+    report = run_input_benchmark(
+        [int(n) for n in args.images.split(",")], [int(w) for w in args.workers.split(",")],
+        args.batch_size, args.size, args.batches, args.root,
+        " ".join(["python -m bench.input_pipeline", *(argv or sys.argv[1:])]))
+    if report is None:
+        return 1
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.markdown:
         args.markdown.write_text(render(report))
-    if tmp is not None:
-        tmp.cleanup()
+    print(render(report))
     return 0
+
+
+def run_input_benchmark(images: list[int], workers: list[int], batch_size: int = 64,
+                        size: int = 224, batches: int = 30, root: Path | None = None,
+                        command: str = "") -> dict | None:
+    """flax_resnet's streamed pipeline against DataLoader + torchvision, each measurement in a
+    process of its own, on generated JPEG folders of ``images`` files (made under ``root``,
+    default a temporary directory); the report, or None if a measurement failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) if root is None else root
+        rows = []
+        for n in images:
+            folder = make_folder(root / f"jpeg-{n}", n)
+            for count in workers:
+                for side in ("flax_resnet", "torch"):
+                    cmd = [sys.executable, "-m", "bench.input_pipeline", "--one",
+                           f"{side}:{folder}:{count}", "--batch-size", str(batch_size),
+                           "--size", str(size), "--batches", str(batches)]
+                    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                    if done.returncode:
+                        print(done.stderr[-3000:], file=sys.stderr)
+                        return None
+                    row = {"images": n, **json.loads(done.stdout.strip().splitlines()[-1])}
+                    rows.append(row)
+                    print(f"{n:>6} images  {side:<11} workers {count}: "
+                          f"{row['images_per_s']:8.1f} img/s "
+                          f"({row['images_per_s'] / count:6.1f} per worker), first batch "
+                          f"{row['first_batch_s']:.1f} s, peak {row['peak_rss_mib']:,.0f} MiB",
+                          file=sys.stderr, flush=True)
+    return {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "command": command, "machine": f"{_cpu_model()}, {os.cpu_count()} cores",
+            "versions": _versions(), "rows": rows}
 
 
 def _cpu_model() -> str:

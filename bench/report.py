@@ -118,6 +118,10 @@ def render_markdown(run: dict[str, Any]) -> str:
             "are indicative only."
         )
     lines += ["", *[f"- {n}" for n in notes], ""]
+    if run.get("input_pipeline"):
+        from bench.input_pipeline import render
+
+        lines += ["", render(run["input_pipeline"])]
     return "\n".join(lines)
 
 

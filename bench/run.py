@@ -5,6 +5,7 @@
                     [--steps N] [--warmup N] [--windows N] [--tf32 on|off]
                     [--torch-compile-mode default|max-autotune|...]
                     [--peak-tflops X] [--json FILE] [--markdown FILE]
+                    [--input-pipeline WORKERS [--input-images N,...]]
 
 Config names are ``resnet{depth}[w{width}]-b{batch}-{fp32|bf16}`` (CIFAR stem, BatchNorm,
 32x32, 10 classes, pad-crop-flip on the device) or, with an ``-in{size}`` suffix, ImageNet's
@@ -13,6 +14,11 @@ normalises only, on both sides; bench/configs.py). Each framework family runs in
 worker process (bench/worker.py);
 the jobs run one at a time, config by config, so they never share the device. The timing
 protocol is in bench/timing.py, the FLOP count in bench/flops.py.
+
+``--input-pipeline 1,2,4`` adds, after the steps, the input pipeline of bench/input_pipeline.py
+(the 224 px training transform from JPEG files: flax_resnet's streamed pipeline against
+``DataLoader`` + torchvision with the same worker counts, and the peak memory for each folder
+size), in the same report.
 
 MFU = (analytic FLOPs per image of a training step, convs + fc, 3x forward) x images/s /
 the device's dense datasheet peak for the compute class (bf16; TF32 for fp32 with --tf32 on;
@@ -194,6 +200,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run even if JAX and torch are not both on the GPU (or both on CPU)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the jobs (config, framework) and FLOP counts, run nothing")
+    p.add_argument("--input-pipeline", default="", metavar="WORKERS",
+                   help="also benchmark the input pipeline with these worker counts (comma "
+                        "list, e.g. 1,2,4) against DataLoader")
+    p.add_argument("--input-images", default="2000,8000", metavar="N,...",
+                   help="with --input-pipeline: images per generated JPEG folder, one folder "
+                        "each (two sizes show the memory)")
+    p.add_argument("--input-size", type=int, default=224, help="with --input-pipeline: the "
+                   "RandomResizedCrop size")
+    p.add_argument("--input-batch-size", type=int, default=64)
+    p.add_argument("--input-batches", type=int, default=30, help="timed batches per "
+                   "input-pipeline measurement")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write the Markdown table here")
     args = p.parse_args(argv)
@@ -434,6 +451,20 @@ def _main(args: argparse.Namespace, worker_env: dict[str, str]) -> dict[str, Any
                     expected_s[fw] = max(expected_s.get(fw, 0.0), r["job_wall_s"])
                     entry["frameworks"][fw] = _best_of(prev, r)
                     _write(run, args)  # partial results survive a later crash or timeout
+        if args.input_pipeline:
+            from bench.input_pipeline import run_input_benchmark
+
+            run["input_pipeline"] = run_input_benchmark(
+                [int(n) for n in _csv(args.input_images)],
+                [int(w) for w in _csv(args.input_pipeline)], args.input_batch_size,
+                args.input_size, args.input_batches,
+                command=f"python -m bench --input-pipeline {args.input_pipeline} "
+                        f"--input-images {args.input_images} --input-size {args.input_size} "
+                        f"--input-batch-size {args.input_batch_size} "
+                        f"--input-batches {args.input_batches}")
+            if run["input_pipeline"] is None:
+                raise SystemExit("[bench] the input pipeline benchmark failed (above)")
+            _write(run, args)
         meta["total_wall_s"] = time.monotonic() - t_start
         meta["loadavg_end"] = _loadavg()
         finished = True

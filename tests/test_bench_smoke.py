@@ -37,14 +37,27 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]
     json_path, md_path = out / "bench.json", out / "bench.md"
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--configs", CONFIG, "--image-size", "16",
-         "--frameworks", "flax,flax_twopass,torch", "--steps", "2", "--warmup", "1",
-         "--windows", "2",
+        [sys.executable, "-m", "bench", "--configs", f"{CONFIG},{IN_TINY}", "--image-size",
+         "16", "--frameworks", "flax,flax_twopass,torch", "--only", f"flax_twopass={CONFIG}",
+         "--steps", "2", "--warmup", "1",
+         "--windows", "2", "--input-pipeline", "1", "--input-images", "12",
+         "--input-size", "32", "--input-batch-size", "4", "--input-batches", "1",
          "--json", str(json_path), "--markdown", str(md_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(json_path.read_text()), md_path.read_text(), proc.stdout
+
+
+def test_the_input_pipeline_runs_beside_the_steps(bench_run: tuple[dict, str, str]) -> None:
+    run, md, _ = bench_run
+    rows = run["input_pipeline"]["rows"]
+    assert {(r["side"], r["workers"], r["images"]) for r in rows} == {
+        ("flax_resnet", 1, 12), ("torch", 1, 12)}
+    for r in rows:
+        assert r["batch_shape"] in ([4, 32, 32, 3], [4, 3, 32, 32]), r
+        assert r["images_per_s"] > 0 and r["peak_rss_mib"] > 0, r
+    assert "Input pipeline" in md
 
 
 def test_json_structure(bench_run: tuple[dict, str, str]) -> None:
@@ -54,8 +67,8 @@ def test_json_structure(bench_run: tuple[dict, str, str]) -> None:
                 "tf32", "recipe", "notes"):
         assert key in meta, key
     assert meta["on_gpu"] is False
-    (entry,) = run["results"]
-    assert entry["config"]["name"] == CONFIG
+    entry, imagenet = run["results"]
+    assert (entry["config"]["name"], imagenet["config"]["name"]) == (CONFIG, IN_TINY)
     assert entry["config"]["image_size"] == 16
     assert entry["flops"]["train_per_image"] == 3 * entry["flops"]["forward_per_image"] > 0
     assert entry["train_config"]["model"]["depth"] == 18
@@ -334,20 +347,13 @@ def test_torch_imagenet_step_normalizes_only() -> None:
     assert not torch.allclose(augmented, want)
 
 
-def test_imagenet_step_benchmark_both_sides(tmp_path: Path) -> None:
-    """``python -m bench`` on a tiny ImageNet-stem config: both workers build and time it."""
+def test_imagenet_step_benchmark_both_sides(bench_run: tuple[dict, str, str]) -> None:
+    """``python -m bench`` on a tiny ImageNet-stem config: both workers build and time it
+    (its own size, whatever ``--image-size`` says for the CIFAR configs)."""
     from bench.flops import resnet_flops
 
-    json_path = tmp_path / "bench.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--configs", IN_TINY, "--frameworks", "flax,torch",
-         "--steps", "2", "--warmup", "1", "--windows", "2", "--min-warmup-s", "0",
-         "--json", str(json_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (entry,) = json.loads(json_path.read_text())["results"]
+    entry = bench_run[0]["results"][1]
+    assert set(entry["frameworks"]) == {"flax", "torch"}
     assert entry["config"]["name"] == IN_TINY and entry["config"]["stem"] == "imagenet"
     assert entry["train_config"]["augment"] == "random-resized-crop"
     f = resnet_flops(18, stem="imagenet", width=0.125, num_classes=1000, image_size=64)
