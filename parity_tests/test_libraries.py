@@ -1,12 +1,13 @@
 """torchvision, timm and Hugging Face ResNets in, with proven parity, and back out.
 
-Each case of ``libraries.CASES`` is built with random weights and norms, saved as its
-library saves it, converted by the command line (float32, written to a Flax checkpoint and
-loaded from there) and by the Python API (``convert.load`` in float64), and required to give
-the library's eval logits and every stage's features: float64 within ``harness.F64_RTOL``
-(the proof), float32 within ``F32_K`` x PyTorch's own float32 error + ``F32_FLOOR`` (the
-claim). The conversion is then exported back and loaded by the library itself (strict),
-tensor for tensor bit-identical to what it saved.
+Each case of ``libraries.SUITE_CASES`` (the interop report also runs ``REPORT_ONLY``) is
+built with random weights and norms, saved as its library saves it, converted by the command
+line (float32, written to a Flax checkpoint and loaded from there) and by the Python API
+(``convert.load`` in float64), and required to give the library's eval logits and every
+stage's features: float64 within ``harness.F64_RTOL`` (the proof), float32 within ``F32_K``
+x PyTorch's own float32 error + ``F32_FLOOR`` (the claim). The conversion is then exported
+back and loaded by the library itself (strict), tensor for tensor bit-identical to what it
+saved.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _export_and_reload(case: L.Case, flax_dir: str, original: torch.nn.Module, t
     _same_tensors(original.state_dict(), want)
 
 
-@pytest.mark.parametrize("case", L.CASES, ids=lambda c: c.label)
+@pytest.mark.parametrize("case", L.SUITE_CASES, ids=lambda c: c.label)
 def test_library_model_converts_with_parity_and_goes_back(case, tmp_path):
     model = L.build(case)
     src = L.save(case, model, str(tmp_path))
