@@ -121,5 +121,8 @@ def test_flax_resnet_eval_on_the_images_as_a_folder(trained, proof, tmp_path, ca
     by_name = {Path(p["image"]).relative_to(root).as_posix(): p["top5"][0]
                for p in result["predictions"]}
     predicted = np.asarray([by_name[n] for n in names])
-    np.testing.assert_array_equal(predicted, logits.flax32.argmax(1))
+    # it normalises on the device in float32 (the proof in float64 first): only a near-tie
+    # may come out otherwise, on some CPU
+    differ = predicted != logits.flax32.argmax(1)
+    assert not (differ & ~real_images.near_ties(logits)).any(), np.flatnonzero(differ)
     assert result["top1"] == pytest.approx(float((predicted == t["labels"]).mean()))

@@ -104,11 +104,14 @@ def main(argv: list[str] | None = None) -> int:
                for r in cli["predictions"]}
     cli_pred = np.asarray([by_file[f] for f in files])
     report["eval_cli_top1"] = cli["top1"]
-    report["eval_cli_argmax_equal_flax32"] = int((cli_pred == logits.flax32.argmax(1)).sum())
+    # flax-resnet-eval normalises on the device in float32, not in float64 first: it may
+    # differ from the model's argmax only at a near-tie
+    differ = cli_pred != logits.flax32.argmax(1)
+    report["eval_cli_argmax_equal_flax32"] = int((~differ).sum())
     failed = real_images.failures(report)
-    if report["eval_cli_argmax_equal_flax32"] != len(labels):
-        failed.append(f"flax-resnet-eval's argmax differs from the model's on "
-                      f"{len(labels) - report['eval_cli_argmax_equal_flax32']} images")
+    if (differ & ~real_images.near_ties(logits)).any():
+        failed.append(f"flax-resnet-eval's argmax differs from the model's, no near-tie, on "
+                      f"images {np.flatnonzero(differ & ~real_images.near_ties(logits))}")
     report["command"] = "python scripts/trained_weights_proof.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     report["date"] = datetime.date.today().isoformat()
