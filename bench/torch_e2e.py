@@ -39,7 +39,12 @@ def run(args: Any, cfg: Any) -> dict[str, Any]:
 
     import torch_ref
     from bench.run import train_config
-    from bench.torch_side import environment, make_forward_loss, make_optimizer
+    from bench.torch_side import (
+        environment,
+        make_forward_loss,
+        make_optimizer,
+        make_update,
+    )
     from flax_resnet.config import TrainConfig
     from torch_ref.training import make_criterion, make_scheduler
 
@@ -92,18 +97,10 @@ def run(args: Any, cfg: Any) -> dict[str, Any]:
         images = images.to(dev, non_blocking=True).contiguous(memory_format=memory_format)
         return images.permute(0, 2, 3, 1), labels.to(dev, non_blocking=True)
 
-    def step(batch):
-        images, labels = batch
-        _, loss = forward_loss(images, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        return loss
+    update, sync = make_update(forward_loss, opt, sched, cuda)
 
-    def sync(_):
-        if cuda:
-            torch.cuda.synchronize()
+    def step(batch):
+        return update(*batch)
 
     result = timed_run(next_batch, step, sync, batch=cfg.batch, warmup=args.warmup,
                        warmup_s=args.warmup_s, steps=args.steps, time_limit=args.time_limit)

@@ -118,6 +118,26 @@ def make_forward_loss(model: Any, criterion: Any, mean: Any, std: Any, *, bf16: 
     return torch.compile(forward_loss, dynamic=False, mode=compile_mode)
 
 
+def make_update(forward_loss: Any, opt: Any, sched: Any, cuda: bool) -> tuple[Any, Any]:
+    """``(update(images, labels) -> loss, sync(_))``: one training update as both torch
+    benchmarks time it, and the wait for the device that ends a timed window."""
+    import torch
+
+    def update(images: Any, labels: Any) -> Any:
+        _, loss = forward_loss(images, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss
+
+    def sync(_: Any) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    return update, sync
+
+
 def run_job(
     cfg: BenchConfig,
     train_cfg: dict[str, Any],
@@ -173,17 +193,10 @@ def run_job(
     forward_loss = make_forward_loss(model, criterion, mean, std, bf16=bf16, compile=compile,
                                      augment=cfg.device_augment, compile_mode=compile_mode)
 
-    def step():
-        _, loss = forward_loss(images, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        return loss
+    update, sync = make_update(forward_loss, opt, sched, cuda)
 
-    def sync(_):
-        if cuda:
-            torch.cuda.synchronize()
+    def step():
+        return update(images, labels)
 
     rng = np.random.default_rng(seed)
     shape = (cfg.batch, cfg.image_size, cfg.image_size, 3)
