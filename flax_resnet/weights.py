@@ -470,7 +470,11 @@ def resolve(source: str | os.PathLike, *, step: int | None = None, naming: str =
     weights = kind.read(at, step, naming, hints)
     recorded = os.path.join(at.path, ORIGIN_FILE)
     if os.path.isdir(at.path) and os.path.isfile(recorded):  # converted before: the first source
-        weights = dataclasses.replace(weights, origin=read_json(recorded))
+        origin = read_json(recorded)
+        if not isinstance(origin, dict):
+            raise ConversionError(f"{recorded} is no JSON object of where the weights came "
+                                  "from; remove it or write it again with the converter")
+        weights = dataclasses.replace(weights, origin=origin)
     if at.named is not None:
         weights = at.named.apply(weights)
     return dataclasses.replace(weights, source=source, path=at.path)

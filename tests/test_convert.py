@@ -506,6 +506,9 @@ def test_the_converter_records_preprocessing_and_where_the_weights_came_from(tmp
         assert not dst.exists()
     assert convert.main([str(first), str(tmp_path / "w2.pt"), "--std", "1,1,1"]) == 2
     assert "need a directory DST" in capsys.readouterr().err
+    (second / "origin.json").write_text("[1, 2]")
+    assert convert.main([str(second), str(tmp_path / "never")]) == 2
+    assert "origin.json is no JSON object" in capsys.readouterr().err
 
 
 def test_a_run_directory_with_a_flat_config_is_refused(tmp_path):
